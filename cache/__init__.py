@@ -1,0 +1,1 @@
+"""The local replica: LMDB store, sealed chunks, write-back journal, sync services."""

@@ -1,0 +1,1 @@
+"""Loft: the CLI (composition root), configuration and the wire protocol."""

@@ -1,0 +1,1 @@
+"""The Loft server: a raw ASGI app on hypercorn's trio worker."""
