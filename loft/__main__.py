@@ -1,0 +1,3 @@
+from loft.cli import main
+
+main()

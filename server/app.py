@@ -1,0 +1,207 @@
+"""The ASGI application: lifespan (open stores, start GC) and dispatch.
+
+Dispatch order for every request: route match (404/405) → device token (401) →
+membership of the `{space}` in the path (404 for non-members, so existence is not
+revealed; 403 below the route's role) → body size (413) → body validation (400) →
+handler. ApiError becomes its JSON answer; store failures a 503/507 without details;
+anything else is a bug: logged with its traceback, answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from pydantic import BaseModel, ValidationError
+
+from loft.protocol import ErrorCode
+from server import gc
+from server.accounts import authenticate
+from server.blobs import DirectoryBlobStore
+from server.db import Database
+from server.errors import ApiError, BlobStoreError, StorageFull, StoreError, not_found
+from server.http import (
+    ROLE_RANK,
+    Request,
+    Response,
+    Router,
+    error_response,
+    parse_query,
+    validation_error,
+)
+from server.notify import Notifier
+from server.openapi import build
+from server.routes import ROUTES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    default_quota: int = 1 << 40
+    #: How long an unreferenced chunk is kept (uploads in flight commit within it).
+    gc_grace: float = 6 * 3600.0
+    gc_interval: float = 600.0
+
+
+@dataclass
+class Context:
+    config: ServerConfig
+    db: Database
+    blobs: DirectoryBlobStore
+    notifier: Notifier
+    secret: bytes
+    openapi: bytes
+
+
+def _secret(conn: sqlite3.Connection) -> bytes:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()
+    if row:
+        return bytes.fromhex(row[0])
+    secret = secrets.token_bytes(32)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('secret', ?)", (secret.hex(),))
+    return secret
+
+
+class App:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.router = Router(ROUTES)
+        self.ctx: Context | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Context]:
+        """Opens the stores and runs the background collector for the app's lifetime."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(self.config.data_dir / "meta.sqlite")
+        try:
+            ctx = Context(
+                config=self.config,
+                db=db,
+                blobs=DirectoryBlobStore(self.config.data_dir / "blobs"),
+                notifier=Notifier(),
+                secret=db.write_sync(_secret),
+                openapi=json.dumps(build(ROUTES)).encode(),
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    gc.run_collector, db, ctx.blobs, self.config.gc_grace, self.config.gc_interval
+                )
+                self.ctx = ctx
+                try:
+                    yield ctx
+                finally:
+                    self.ctx = None
+                    nursery.cancel_scope.cancel()
+        finally:
+            db.close()
+
+    async def __call__(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            response = await self._dispatch(scope, receive)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [
+                        (b"content-type", response.content_type.encode()),
+                        (b"content-length", str(len(response.body)).encode()),
+                        *response.headers,
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": response.body})
+
+    async def _lifespan(self, receive, send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            async with self.running():
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+        except (StoreError, OSError) as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _dispatch(self, scope: dict[str, Any], receive) -> Response:
+        ctx = self.ctx
+        assert ctx is not None, "the app serves only while running()"
+        try:
+            return await self._handle(ctx, scope, receive)
+        except ApiError as err:
+            return error_response(err)
+        except StorageFull as exc:
+            log.warning("%s", exc)
+            return error_response(ApiError(507, ErrorCode.INTERNAL, "the server is out of space"))
+        except (StoreError, BlobStoreError) as exc:
+            log.error("storage failure on %s %s: %s", scope["method"], scope["path"], exc)
+            return error_response(ApiError(503, ErrorCode.INTERNAL, "storage unavailable"))
+        except Exception:
+            log.exception("bug while serving %s %s", scope["method"], scope["path"])
+            return error_response(ApiError(500, ErrorCode.INTERNAL, "internal error"))
+
+    async def _handle(self, ctx: Context, scope: dict[str, Any], receive) -> Response:
+        route, params = self.router.match(scope["method"], scope["path"])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        req = Request(
+            method=scope["method"],
+            path=scope["path"],
+            params=params,
+            query=parse_query(scope.get("query_string", b"")),
+            headers=headers,
+            body=b"",
+        )
+        if route.auth:
+            req.caller, req.role = await authenticate(
+                ctx, headers.get("authorization"), params.get("space")
+            )
+        if route.role is not None:
+            if req.role is None:
+                raise not_found("no such space")
+            if ROLE_RANK[req.role] < ROLE_RANK[route.role]:
+                raise ApiError(
+                    403,
+                    ErrorCode.FORBIDDEN,
+                    f"this needs the {route.role} role; you are {req.role}",
+                )
+        req.body = await _read_body(receive, headers, route.body_limit)
+        if isinstance(route.body, type) and issubclass(route.body, BaseModel):
+            try:
+                req.model = route.body.model_validate_json(req.body)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
+        return await route.handler(ctx, req)
+
+
+async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, ErrorCode.INVALID, "bad content-length")
+        if int(declared) > limit:
+            raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, ErrorCode.INVALID, "client went away")
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
+        chunks.append(part)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
