@@ -468,6 +468,9 @@ class CommitRequest(Model):
 class CommitResponse(Model):
     first_seq: SeqValue
     last_seq: SeqValue
+    #: Per op, the seq it was journaled at (None: it changed nothing, e.g. a no-op move).
+    #: For ops that make a version (create, update, setattr, ...) this is the new version.
+    seqs: list[SeqValue | None]
     replayed: bool = False
 
 

@@ -94,21 +94,23 @@ def apply_commit(
     """Applies `request` to the space inside the caller's transaction. Returns the
     response and the number of journal entries added (0 for a replay)."""
     done = conn.execute(
-        "SELECT first_seq, last_seq FROM commits WHERE space_id = ? AND commit_id = ?",
+        "SELECT first_seq, last_seq, seqs FROM commits WHERE space_id = ? AND commit_id = ?",
         (space_id, request.commit_id),
     ).fetchone()
     if done:
-        return CommitResponse(first_seq=done[0], last_seq=done[1], replayed=True), 0
+        seqs = json.loads(done[2])
+        return CommitResponse(first_seq=done[0], last_seq=done[1], seqs=seqs, replayed=True), 0
     applier = _Applier(conn, space_id, device_id, now)
     first = applier.head + 1
-    applier.apply_all(request)
+    seqs = applier.apply_all(request)
     applier.finish()
     conn.execute(
-        "INSERT INTO commits (space_id, commit_id, first_seq, last_seq, time)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (space_id, request.commit_id, first, applier.head, now),
+        "INSERT INTO commits (space_id, commit_id, first_seq, last_seq, seqs, time)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (space_id, request.commit_id, first, applier.head, json.dumps(seqs), now),
     )
-    return CommitResponse(first_seq=first, last_seq=applier.head), applier.head - first + 1
+    response = CommitResponse(first_seq=first, last_seq=applier.head, seqs=seqs)
+    return response, applier.head - first + 1
 
 
 class _Applier:
@@ -127,8 +129,10 @@ class _Applier:
 
     # ------------------------------------------------------------------ driver
 
-    def apply_all(self, request: CommitRequest) -> None:
+    def apply_all(self, request: CommitRequest) -> list[int | None]:
+        """Applies every op; returns each op's seq (None for a no-op)."""
         results: list[OpResult] = []
+        seqs: list[int | None] = []
         refused = False
         for index, op in enumerate(request.ops):
             saved = (self.head, self.used, len(self.changes))
@@ -145,9 +149,11 @@ class _Applier:
                 )
             else:
                 results.append(OpResult(index=index, code=OpCode.OK))
+                seqs.append(self.head if self.head != saved[0] else None)
             self.conn.execute("RELEASE op")
         if refused:
             raise CommitRejected(results)
+        return seqs
 
     def finish(self) -> None:
         self.conn.execute("UPDATE spaces SET head = ? WHERE id = ?", (self.head, self.space))

@@ -149,6 +149,7 @@ MIGRATIONS: list[str] = [
         commit_id TEXT NOT NULL,
         first_seq INTEGER NOT NULL,
         last_seq  INTEGER NOT NULL,
+        seqs      TEXT NOT NULL,                    -- JSON: per op, its seq or null
         time      REAL NOT NULL,
         PRIMARY KEY (space_id, commit_id)
     ) WITHOUT ROWID;

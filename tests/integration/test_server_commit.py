@@ -18,7 +18,7 @@ def test_chunk_upload_commit_tree(api: Api):
     docs = mkdir(ROOT_NODE, "docs")
     f = create(docs["node"], "greeting.txt", [a, b])
     res = api.commit_ok(u, u.home, [docs, f])
-    assert (res["first_seq"], res["last_seq"]) == (1, 2)
+    assert (res["first_seq"], res["last_seq"], res["seqs"]) == (1, 2, [1, 2])
     tree = api.tree(u, u.home)
     assert set(tree) == {"docs", "docs/greeting.txt"}
     assert tree["docs/greeting.txt"]["size"] == 11
@@ -171,7 +171,8 @@ def test_rename_over_and_exchange(api: Api):
         "new_name": "y",
     }
     assert api.commit(u, u.home, [move]).json()["details"][0]["code"] == "name_taken"
-    api.commit_ok(u, u.home, [{**move, "exchange": True}])
+    res = api.commit_ok(u, u.home, [{**move, "exchange": True}, {**move, "name": "y"}])
+    assert res["seqs"][1] is None  # renaming onto itself changes nothing
     tree = api.tree(u, u.home)
     assert tree["x"]["node"] == y["node"] and tree["y"]["node"] == x["node"]
     api.commit_ok(u, u.home, [{**move, "name": "y", "new_name": "x", "replace": y["node"]}])
