@@ -24,6 +24,8 @@ class ServerProcess:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        #: 0 until the first start; later starts bind the same port again
+        self.port = 0
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
@@ -31,7 +33,7 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [*LOFT, "serve", "--data", str(self.data_dir), "--port", "0", *self.extra],
+            [*LOFT, "serve", "--data", str(self.data_dir), "--port", str(self.port), *self.extra],
             stdout=subprocess.PIPE,
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -45,6 +47,7 @@ class ServerProcess:
             self.kill()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
         self.url = match.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

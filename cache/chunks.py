@@ -1,0 +1,210 @@
+"""Where a chunk's plaintext comes from: a small in-memory LRU of decoded chunks, else
+the sealed copy in the local store, else the server, fetched once however many readers
+wait (single-flight), stored sealed and opened in a worker thread.
+
+The store's chunk cache has a hard byte cap: inserting evicts least recently used
+unpinned chunks first, and a chunk that cannot fit is used without being cached.
+Pinned chunks are never evicted; dirty data lives elsewhere (pages) and is never
+counted here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import trio
+
+from backend.base import Backend, BackendError, is_transient
+from backend.base import NotFound as BackendNotFound
+from cache.codec import ChunkCodec, CorruptChunk
+from cache.errors import Corrupt, NoSpace, Offline
+from cache.store import Store, StoreFull
+
+log = logging.getLogger(__name__)
+
+DECODED_BYTES = 64 * 1024 * 1024
+TOUCH_EVERY = 30.0
+FETCH_TIMEOUT = 5.0
+
+
+class Connectivity:
+    """Whether the server answered lately. Readers fail fast while offline."""
+
+    def __init__(self) -> None:
+        self.online = True
+        self.since = time.time()
+        self.reason = ""
+        self._changed = trio.Event()
+
+    def up(self) -> None:
+        if not self.online:
+            log.info("server reachable again")
+            self.online, self.since, self.reason = True, time.time(), ""
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def down(self, reason: str) -> None:
+        if self.online:
+            log.warning("server unreachable: %s", reason)
+            self.online, self.since = False, time.time()
+            self._changed.set()
+            self._changed = trio.Event()
+        self.reason = reason
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+
+class ChunkSource:
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        codec_of: Callable[[str], ChunkCodec],
+        cap: int,
+        connectivity: Connectivity,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.codec_of = codec_of
+        self.cap = cap
+        self.net = connectivity
+        self._decoded: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._decoded_bytes = 0
+        self._inflight: dict[tuple[str, str], trio.Event] = {}
+        self._touched: dict[tuple[str, str], float] = {}
+        self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, str]](64)
+        self.fetched_bytes = 0
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, space: str, chunk_id: str) -> bytes:
+        """The plaintext of a chunk. Raises Offline, Corrupt."""
+        key = (space, chunk_id)
+        while True:
+            hit = self._decoded.get(key)
+            if hit is not None:
+                self._decoded.move_to_end(key)
+                return hit
+            event = self._inflight.get(key)
+            if event is None:
+                break
+            await event.wait()  # the one fetch under way; then look again
+        event = self._inflight[key] = trio.Event()
+        try:
+            plain = await self._load(space, chunk_id)
+            self._remember(key, plain)
+            return plain
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    async def _load(self, space: str, chunk_id: str) -> bytes:
+        codec = self.codec_of(space)
+        with self.store.read() as t:
+            blob = t.chunk(space, chunk_id)
+        if blob is not None:
+            self._touch(space, chunk_id)
+            try:
+                return await codec.open_async(chunk_id, blob)
+            except CorruptChunk as exc:
+                log.warning(
+                    "cached copy of chunk %s is corrupt (%s); fetching it again",
+                    chunk_id,
+                    exc.reason,
+                )
+                with self.store.write() as t:
+                    t.delete_chunk(space, chunk_id)
+        blob = await self.fetch(space, chunk_id)
+        try:
+            plain = await codec.open_async(chunk_id, blob)
+        except CorruptChunk as exc:
+            log.error("chunk %s from the server is corrupt: %s", chunk_id, exc.reason)
+            raise Corrupt(f"chunk {chunk_id} is corrupt: {exc.reason}") from None
+        self.cache(space, chunk_id, blob)
+        return plain
+
+    async def fetch(self, space: str, chunk_id: str) -> bytes:
+        """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""
+        if not self.net.online and time.time() - self.net.since < 2.0:
+            raise Offline(f"offline ({self.net.reason}) and chunk {chunk_id} is not cached")
+        try:
+            with trio.fail_after(FETCH_TIMEOUT):
+                blob = await self.backend.get_chunk(space, chunk_id)
+        except trio.TooSlowError:
+            self.net.down("a chunk download timed out")
+            raise Offline(f"the server did not send chunk {chunk_id} in time") from None
+        except BackendNotFound:
+            log.error("chunk %s is missing on the server", chunk_id)
+            raise Corrupt(f"chunk {chunk_id} is missing on the server") from None
+        except BackendError as exc:
+            if is_transient(exc):
+                self.net.down(str(exc))
+                raise Offline(f"cannot fetch chunk {chunk_id}: {exc}") from None
+            raise
+        self.net.up()
+        self.fetched_bytes += len(blob)
+        return blob
+
+    def cache(self, space: str, chunk_id: str, blob: bytes) -> None:
+        """Keeps a sealed chunk locally if it fits under the cap."""
+        if len(blob) > self.cap:
+            return
+        try:
+            with self.store.write() as t:
+                if t.put_chunk(space, chunk_id, blob):
+                    t.evict(self.cap)
+        except StoreFull:
+            log.warning("local store full; chunk %s not cached", chunk_id)
+
+    def _remember(self, key: tuple[str, str], plain: bytes) -> None:
+        self._decoded[key] = plain
+        self._decoded_bytes += len(plain)
+        while self._decoded_bytes > DECODED_BYTES and len(self._decoded) > 1:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(old)
+
+    def forget(self, space: str, chunk_id: str) -> None:
+        old = self._decoded.pop((space, chunk_id), None)
+        if old is not None:
+            self._decoded_bytes -= len(old)
+
+    def _touch(self, space: str, chunk_id: str) -> None:
+        key = (space, chunk_id)
+        now = time.monotonic()
+        if now - self._touched.get(key, 0.0) < TOUCH_EVERY:
+            return
+        self._touched[key] = now
+        try:
+            with self.store.write() as t:
+                t.touch_chunk(space, chunk_id)
+        except StoreFull:
+            pass
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, space: str, chunk_ids: list[str]) -> None:
+        """Asks the background fetchers for these chunks; drops requests when busy."""
+        for chunk_id in chunk_ids:
+            if (space, chunk_id) in self._decoded or (space, chunk_id) in self._inflight:
+                continue
+            try:
+                self._prefetch_send.send_nowait((space, chunk_id))
+            except trio.WouldBlock:
+                return
+
+    async def run_prefetchers(self, workers: int = 3, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(self._prefetcher)
+            task_status.started()
+
+    async def _prefetcher(self) -> None:
+        async for space, chunk_id in self._prefetch_recv:
+            try:
+                await self.get(space, chunk_id)
+            except (Offline, Corrupt, NoSpace) as exc:
+                log.debug("prefetch of %s skipped: %s", chunk_id, exc)

@@ -1,0 +1,358 @@
+"""A file's bytes on this device: the base content (its committed manifest) overlaid
+with dirty pages, truncated to `size`, with base bytes at or past `floor` reading as
+zeros.
+
+Writes never shift bytes (POSIX has no insertion), so a dirty page always holds the
+whole PAGE_SIZE bytes of the new content at its offset, and old chunk boundaries that
+lie before a change, or after it once the content-defined cuts fall on an old boundary
+again, stay valid: `rechunk` cuts only the changed ranges and reuses the old chunks
+elsewhere. That is what keeps a 1-byte edit of a large file to one uploaded chunk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cache.chunker import MAX_SIZE, Chunker
+from cache.codec import DirtySealer
+from cache.records import PAGE_SIZE, Flag, Node, decode_manifest
+from cache.store import Store
+from loft.protocol import ChunkRef
+
+log = logging.getLogger(__name__)
+
+GetChunk = Callable[[str, str], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A manifest with the offset where each chunk starts."""
+
+    chunks: list[ChunkRef]
+    starts: list[int]
+    size: int
+
+    @classmethod
+    def of(cls, chunks: list[ChunkRef]) -> Layout:
+        starts, pos = [], 0
+        for _, n in chunks:
+            starts.append(pos)
+            pos += n
+        return cls(chunks, starts, pos)
+
+    def span(self, offset: int, end: int) -> range:
+        """Indices of the chunks overlapping [offset, end)."""
+        if offset >= end or offset >= self.size:
+            return range(0)
+        first = bisect.bisect_right(self.starts, offset) - 1
+        last = bisect.bisect_left(self.starts, min(end, self.size))
+        return range(first, last)
+
+
+class Content:
+    def __init__(
+        self,
+        store: Store,
+        sealer: DirtySealer,
+        get_chunk: GetChunk,
+        prefetch: Callable[[str, list[str]], None],
+    ) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.get_chunk = get_chunk
+        self.prefetch = prefetch
+        self._layouts: dict[tuple[str, str], tuple[int, Layout]] = {}
+        self._last_end: dict[tuple[str, str], int] = {}
+
+    def layout(self, node: Node) -> Layout:
+        """The node's base layout, cached by version (a base changes only with it)."""
+        key = (node.space, node.id)
+        cached = self._layouts.get(key)
+        if cached is not None and cached[0] == node.version:
+            return cached[1]
+        with self.store.read() as t:
+            layout = Layout.of(decode_manifest(t.manifest_bytes(node.space, node.id)))
+        self._layouts[key] = (node.version, layout)
+        return layout
+
+    def forget(self, space: str, node: str) -> None:
+        self._layouts.pop((space, node), None)
+        self._last_end.pop((space, node), None)
+
+    def forget_all(self) -> None:
+        self._layouts.clear()
+        self._last_end.clear()
+
+    # ------------------------------------------------------------------ reading
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        if not node.flags & Flag.DIRTY:
+            return await self._read_base(node, offset, end, prefetch=True)
+        first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
+        with self.store.read() as t:
+            sealed = {p: t.page(node.space, node.id, p) for p in range(first, last + 1)}
+        out = bytearray()
+        pos = offset
+        for page_no in range(first, last + 1):
+            page_start = page_no * PAGE_SIZE
+            stop = min(end, page_start + PAGE_SIZE)
+            blob = sealed[page_no]
+            if blob is not None:
+                page = self.sealer.open(node.id, page_no, blob)
+                out += page[pos - page_start : stop - page_start]
+            else:
+                out += await self._read_base(node, pos, stop, prefetch=False)
+            pos = stop
+        return bytes(out)
+
+    async def _read_base(self, node: Node, offset: int, end: int, *, prefetch: bool) -> bytes:
+        """Base bytes of [offset, end): chunks below min(floor, base size), zeros after."""
+        layout = self.layout(node)
+        limit = min(layout.size, node.floor)
+        data_end = min(end, limit)
+        parts: list[bytes | memoryview] = []
+        if offset < data_end:
+            span = layout.span(offset, data_end)
+            for i in span:
+                chunk_id, length = layout.chunks[i]
+                start = layout.starts[i]
+                plain = await self.get_chunk(node.space, chunk_id)
+                lo, hi = max(offset, start) - start, min(data_end, start + length) - start
+                parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
+            if prefetch:
+                self._maybe_prefetch(node, layout, span, offset, end)
+        if end > max(offset, data_end):
+            parts.append(bytes(end - max(offset, data_end)))
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def _maybe_prefetch(
+        self, node: Node, layout: Layout, span: range, offset: int, end: int
+    ) -> None:
+        key = (node.space, node.id)
+        sequential = self._last_end.get(key) == offset
+        self._last_end[key] = end
+        if sequential and span:
+            ahead = layout.chunks[span.stop : span.stop + 4]
+            self.prefetch(node.space, [c for c, _ in ahead])
+
+    # ------------------------------------------------------------------ writing
+
+    async def page_bytes(self, node: Node, page_no: int) -> bytearray:
+        """The current content of one page (PAGE_SIZE bytes, zero-padded)."""
+        with self.store.read() as t:
+            blob = t.page(node.space, node.id, page_no)
+        if blob is not None:
+            return bytearray(self.sealer.open(node.id, page_no, blob))
+        start = page_no * PAGE_SIZE
+        data = await self._read_base(node, start, min(start + PAGE_SIZE, node.size), prefetch=False)
+        page = bytearray(PAGE_SIZE)
+        page[: len(data)] = data
+        return page
+
+    async def prepare_write(self, node: Node, offset: int, data: bytes) -> dict[int, bytes]:
+        """Sealed pages that hold `data` at `offset` (to be stored by the caller in the
+        same transaction as the node's new size)."""
+        out: dict[int, bytes] = {}
+        end = offset + len(data)
+        view = memoryview(data)
+        for page_no in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
+            start = page_no * PAGE_SIZE
+            lo, hi = max(offset, start), min(end, start + PAGE_SIZE)
+            if lo == start and hi == start + PAGE_SIZE:
+                page = view[lo - offset : hi - offset]
+            elif lo == start and hi >= min(start + PAGE_SIZE, node.size):
+                # nothing of the old page survives: no need for its base bytes
+                buf = bytearray(PAGE_SIZE)
+                buf[: hi - lo] = view[lo - offset : hi - offset]
+                page = buf
+            else:
+                buf = await self.page_bytes(node, page_no)
+                buf[lo - start : hi - start] = view[lo - offset : hi - offset]
+                page = buf
+            out[page_no] = self.sealer.seal(node.id, page_no, bytes(page))
+        return out
+
+    async def prepare_truncate(self, node: Node, size: int) -> tuple[int, dict[int, bytes]]:
+        """For shrinking to `size`: the first page to drop and the sealed partial last
+        page with its tail zeroed."""
+        keep = -(-size // PAGE_SIZE)
+        pages: dict[int, bytes] = {}
+        if size % PAGE_SIZE and size < node.size:
+            page_no = size // PAGE_SIZE
+            buf = await self.page_bytes(node, page_no)
+            cut = size - page_no * PAGE_SIZE
+            buf[cut:] = bytes(PAGE_SIZE - cut)
+            pages[page_no] = self.sealer.seal(node.id, page_no, bytes(buf))
+        return keep, pages
+
+
+# ---------------------------------------------------------------------- re-chunking
+
+
+class NeedChunk(Exception):
+    """The re-chunker needs a base chunk that is not available locally."""
+
+    def __init__(self, chunk_id: str) -> None:
+        super().__init__(chunk_id)
+        self.chunk_id = chunk_id
+
+
+class SyncReader:
+    """Reads a file's new content without awaiting: base chunks must be in `extra` or
+    the local cache (else NeedChunk). Runs in a worker thread with its own read txn."""
+
+    def __init__(
+        self,
+        store: Store,
+        sealer: DirtySealer,
+        node: Node,
+        layout: Layout,
+        open_chunk: Callable[[str, bytes], bytes],
+        extra: dict[str, bytes],
+    ) -> None:
+        self.store, self.sealer, self.node, self.layout = store, sealer, node, layout
+        self.open_chunk, self.extra = open_chunk, extra
+
+    def read(self, offset: int, end: int) -> bytes:
+        end = min(end, self.node.size)
+        out = bytearray()
+        with self.store.read() as t:
+            pos = offset
+            while pos < end:
+                page_no = pos // PAGE_SIZE
+                stop = min(end, (page_no + 1) * PAGE_SIZE)
+                blob = (
+                    t.page(self.node.space, self.node.id, page_no)
+                    if self.node.flags & Flag.DIRTY
+                    else None
+                )
+                if blob is not None:
+                    page = self.sealer.open(self.node.id, page_no, blob)
+                    out += page[pos - page_no * PAGE_SIZE : stop - page_no * PAGE_SIZE]
+                else:
+                    out += self._base(t, pos, stop)
+                pos = stop
+        return bytes(out)
+
+    def _base(self, t, offset: int, end: int) -> bytes:
+        limit = min(self.layout.size, self.node.floor)
+        data_end = min(end, limit)
+        out = bytearray()
+        for i in self.layout.span(offset, data_end):
+            chunk_id, length = self.layout.chunks[i]
+            start = self.layout.starts[i]
+            plain = self.extra.get(chunk_id)
+            if plain is None:
+                blob = t.chunk(self.node.space, chunk_id)
+                if blob is None:
+                    raise NeedChunk(chunk_id)
+                plain = self.open_chunk(chunk_id, blob)
+                self.extra[chunk_id] = plain
+            out += plain[max(offset, start) - start : min(data_end, start + length) - start]
+        if end > max(offset, data_end):
+            out += bytes(end - max(offset, data_end))
+        return bytes(out)
+
+
+def changed_ranges(node: Node, layout: Layout, dirty_pages: list[int]) -> list[tuple[int, int]]:
+    """Merged [start, end) ranges of the new content that may differ from the base.
+    (Base bytes past `floor` are covered by `rechunk`, which never reuses an old chunk
+    that ends past min(floor, base size).)"""
+    ranges = [
+        (p * PAGE_SIZE, min((p + 1) * PAGE_SIZE, node.size))
+        for p in dirty_pages
+        if p * PAGE_SIZE < node.size
+    ]
+    base_end = min(layout.size, node.floor)
+    if node.size > base_end:
+        ranges.append((base_end, node.size))
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def rechunk(
+    reader: SyncReader,
+    layout: Layout,
+    chunker: Chunker,
+    size: int,
+    ranges: list[tuple[int, int]],
+    emit: Callable[[bytes], str],
+) -> list[ChunkRef]:
+    """The new manifest: old chunks where nothing changed, new cuts from the start of the
+    old chunk holding each change until the cuts meet an old boundary past it. `emit`
+    seals and queues a new chunk's plaintext and returns its id."""
+    old_ends = {start + n: i for i, ((_, n), start) in
+                enumerate(zip(layout.chunks, layout.starts, strict=True))}
+    base_limit = min(layout.size, reader.node.floor)
+    if size != layout.size:
+        # The old last chunk was cut by the end of the file, not by its content: it is
+        # not a boundary of the new content.
+        base_limit = min(base_limit, layout.size - 1)
+    out: list[ChunkRef] = []
+    pos, i, r = 0, 0, 0
+    while pos < size:
+        next_change = ranges[r][0] if r < len(ranges) else size
+        # reuse old chunks that end before the next change (and inside the base)
+        while (
+            i < len(layout.chunks)
+            and layout.starts[i] == pos
+            and pos + layout.chunks[i][1] <= min(next_change, base_limit)
+        ):
+            out.append(layout.chunks[i])
+            pos += layout.chunks[i][1]
+            i += 1
+        if pos >= size:
+            break
+        # cut new chunks from pos until a cut lands on an old boundary past the change
+        change_end = ranges[r][1] if r < len(ranges) else size
+        buf = b""
+        buf_start = pos
+        while True:
+            want = min(size, buf_start + len(buf) + 4 * MAX_SIZE)
+            if buf_start + len(buf) < want:
+                buf += reader.read(buf_start + len(buf), want)
+            at_eof = buf_start + len(buf) >= size
+            cuts = chunker.cut(buf)
+            if not at_eof:
+                cuts = cuts[:-1]  # the last cut is forced by the buffer's end
+            resynced = False
+            consumed = 0
+            for off, length in cuts:
+                piece = buf[off : off + length]
+                out.append((emit(piece), length))
+                consumed = off + length
+                end = buf_start + consumed
+                while r < len(ranges) and ranges[r][1] <= end:
+                    r += 1
+                change_end = ranges[r][1] if r < len(ranges) and ranges[r][0] < end else end
+                if (
+                    end in old_ends
+                    and end >= change_end
+                    and end <= base_limit
+                    and (r >= len(ranges) or ranges[r][0] >= end)
+                ):
+                    i = old_ends[end] + 1
+                    resynced = True
+                    break
+            buf_start += consumed
+            buf = buf[consumed:]
+            if resynced or (at_eof and not buf):
+                pos = buf_start
+                break
+        if not resynced:
+            pos = size
+    return out

@@ -1,0 +1,605 @@
+"""The flusher: turns journal entries into chunk uploads and commits.
+
+A batch is a run of journal entries of one space, in order: up to MAX_OPS ops and about
+MAX_CONTENT bytes of file content, so ten thousand small new files take a few commits,
+not ten thousand. A `create` followed by its `content` is sent as one op. Bases come
+from the nodes when the batch is built; a batch ends before an op whose base would be
+a version made earlier in the same batch.
+
+Crash safety: before a commit is sent, its exact request and what it stands for are
+stored (meta "inflight"); after a restart the same request is sent again, and the
+server answers a commit id it has applied without applying it twice. Chunks are
+content-addressed, so re-uploading is harmless, and `missing` skips what the server has.
+
+Conflicts (the server refused an op) are resolved so that nothing is dropped:
+- an edit on a stale base (another device edited the file) or of a file deleted
+  remotely becomes a new file "name (conflicted copy DEVICE DATE).ext" next to it;
+- a name another device took is renamed the same way;
+- a delete of a file edited remotely is dropped (the edit wins);
+- a rename of a file moved remotely becomes a copy at our destination (both kept);
+- an attribute change on a stale base is re-sent on the current version.
+Afterwards the space is marked for a resync, which rebuilds the mirror from a server
+snapshot once nothing is pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import trio
+
+from backend.base import Backend, BackendError, CommitConflict, is_transient
+from cache.chunker import Chunker
+from cache.codec import ChunkCodec
+from cache.content import Layout, NeedChunk, SyncReader, changed_ranges, rechunk
+from cache.records import (
+    NO_FLOOR,
+    SPECIALS,
+    Flag,
+    Kind,
+    Node,
+    Pending,
+    decode_manifest,
+    encode_manifest,
+)
+from cache.replica import Replica
+from cache.tasks import gather
+from loft.protocol import (
+    ROOT_NODE,
+    Attrs,
+    CommitRequest,
+    CommitResponse,
+    OpCode,
+    OpResult,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OPS = 2000
+MAX_CONTENT = 256 * 1024 * 1024
+SMALL_CHUNK = 256 * 1024
+UPLOADERS = 4
+VERSIONED = {"mkdir", "create", "symlink", "special", "content", "setattr"}
+NEEDS_BASE = {"content", "setattr", "unlink"}
+
+
+class QuotaBlocked(Exception):
+    pass
+
+
+def conflict_name(name: str, device: str, when: float | None = None) -> str:
+    stamp = time.strftime("%Y-%m-%d %H%M%S", time.localtime(when or time.time()))
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    label = f" (conflicted copy {device} {stamp})"
+    room = 255 - len(label.encode()) - len(ext.encode()) - (1 if ext else 0)
+    stem = stem.encode()[: max(room, 1)].decode(errors="ignore")
+    return f"{stem}{label}.{ext}" if ext else f"{stem}{label}"
+
+
+def attrs_of(node: Node) -> Attrs:
+    return Attrs(
+        mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns, xattrs=node.xattrs
+    )
+
+
+@dataclass
+class Item:
+    """One op of a batch and the journal entries it stands for."""
+
+    op: dict
+    entries: list[tuple[int, Pending]]
+    #: for content-bearing ops: the node's gen when its content was read, and the result
+    gen: int | None = None
+    manifest: list | None = None
+
+
+@dataclass
+class Batch:
+    space: str
+    items: list[Item] = field(default_factory=list)
+    commit_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def request(self) -> CommitRequest:
+        return CommitRequest.model_validate(
+            {"commit_id": self.commit_id, "ops": [i.op for i in self.items]}
+        )
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "space": self.space,
+                "commit_id": self.commit_id,
+                "items": [
+                    {
+                        "op": i.op,
+                        "entries": [[s, p.encode().decode()] for s, p in i.entries],
+                        "gen": i.gen,
+                        "manifest": i.manifest,
+                    }
+                    for i in self.items
+                ],
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Batch:
+        raw = json.loads(data)
+        return cls(
+            raw["space"],
+            [
+                Item(
+                    i["op"],
+                    [(s, Pending.decode(p.encode())) for s, p in i["entries"]],
+                    i["gen"],
+                    i["manifest"],
+                )
+                for i in raw["items"]
+            ],
+            raw["commit_id"],
+        )
+
+
+class Flusher:
+    def __init__(self, replica: Replica, backend: Backend, codec_of, chunker: Chunker) -> None:
+        self.replica = replica
+        self.store = replica.store
+        self.backend = backend
+        self.codec_of = codec_of
+        self.chunker = chunker
+        self.status = ""
+        self.uploaded_bytes = 0
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        delay = 0.5
+        while True:
+            await self.replica.wait_journal()
+            try:
+                await self.flush_once()
+                delay = 0.5
+                self.status = ""
+            except BackendError as exc:
+                if not is_transient(exc):
+                    raise
+                self.replica.net.down(str(exc))
+                self.status = f"waiting for the server: {exc}"
+                with trio.move_on_after(delay):
+                    await self.replica.net.wait_change()
+                delay = min(delay * 2, 10.0)
+            except QuotaBlocked as exc:
+                self.status = str(exc)
+                log.warning("uploads paused: %s", exc)
+                await trio.sleep(30)
+
+    # ------------------------------------------------------------------ one round
+
+    async def flush_once(self) -> None:
+        with self.store.read() as t:
+            stored = t.meta("inflight")
+        batch = Batch.decode(stored) if stored else await self._build()
+        if batch is None:
+            return
+        if not stored:
+            with self.store.write() as t:
+                t.set_meta("inflight", batch.encode())
+        try:
+            response = await self.backend.commit(batch.space, batch.request())
+        except CommitConflict as exc:
+            self.replica.net.up()
+            self._resolve(batch, exc.results)
+            return
+        self.replica.net.up()
+        self._apply(batch, response)
+
+    # ------------------------------------------------------------------ building
+
+    async def _build(self) -> Batch | None:
+        with self.store.read() as t:
+            window = t.journal(limit=MAX_OPS)
+            if not window:
+                return None
+            space = window[0][1].space
+            nodes = {p.node: t.node(p.space, p.node) for _, p in window if p.space == space}
+        batch = Batch(space)
+        versioned: set[str] = set()
+        consumed: set[int] = set()
+        content_bytes = 0
+        for index, (seq, p) in enumerate(window):
+            if p.space != space:
+                break
+            if seq in consumed:
+                continue
+            node = nodes.get(p.node)
+            if p.op in NEEDS_BASE and p.node in versioned:
+                break
+            if p.op in ("create", "content") and node is not None and node.flags & Flag.DIRTY:
+                if content_bytes and content_bytes + node.size > MAX_CONTENT:
+                    break
+                content_bytes += node.size
+            entries = [(seq, p)]
+            if p.op == "create":
+                follow = self._merge_content(window[index + 1 :], p)
+                if follow is not None:
+                    entries.append(follow)
+                    consumed.add(follow[0])
+            item = await self._item(space, p, node, entries)
+            if item is None:
+                # the node is gone locally and the op means nothing any more
+                with self.store.write() as t:
+                    t.journal_delete([seq])
+                self.replica.journal_done([p])
+                continue
+            batch.items.append(item)
+            if p.op in VERSIONED:
+                versioned.add(p.node)
+        return batch if batch.items else None
+
+    @staticmethod
+    def _merge_content(
+        rest: list[tuple[int, Pending]], create: Pending
+    ) -> tuple[int, Pending] | None:
+        for seq, p in rest:
+            if p.node != create.node or p.space != create.space:
+                continue
+            return (seq, p) if p.op == "content" else None
+        return None
+
+    async def _item(
+        self, space: str, p: Pending, node: Node | None, entries: list[tuple[int, Pending]]
+    ) -> Item | None:
+        base = node.version if node else 0
+        if p.op in ("mkdir", "create", "symlink", "special"):
+            if node is None:
+                return None
+            op: dict = {
+                "op": p.op,
+                "node": p.node,
+                "parent": p.parent,
+                "name": p.name,
+                "attrs": attrs_of(node).model_dump(mode="json"),
+            }
+            item = Item(op, entries)
+            if p.op == "create":
+                await self._content(item, node)
+                op["content"] = {"size": sum(n for _, n in item.manifest), "chunks": item.manifest}
+            elif p.op == "symlink":
+                op["target"] = node.target
+            elif p.op == "special":
+                op["special"] = SPECIALS[node.special]
+                op["rdev"] = node.rdev
+            return item
+        if p.op == "content":
+            if node is None or node.kind != Kind.FILE:
+                return None
+            item = Item(
+                {
+                    "op": "update",
+                    "node": p.node,
+                    "base": base,
+                    "attrs": attrs_of(node).model_dump(mode="json"),
+                },
+                entries,
+            )
+            await self._content(item, node)
+            item.op["content"] = {"size": sum(n for _, n in item.manifest), "chunks": item.manifest}
+            return item
+        if p.op == "setattr":
+            if node is None:
+                return None
+            return Item(
+                {
+                    "op": "setattr",
+                    "node": p.node,
+                    "base": base,
+                    "attrs": attrs_of(node).model_dump(mode="json"),
+                },
+                entries,
+            )
+        if p.op == "move":
+            return Item(
+                {
+                    "op": "move",
+                    "node": p.node,
+                    "parent": p.parent,
+                    "name": p.name,
+                    "new_parent": p.new_parent,
+                    "new_name": p.new_name,
+                    "replace": p.replace,
+                    "exchange": p.exchange,
+                },
+                entries,
+            )
+        if p.op == "link":
+            return Item({"op": "link", "node": p.node, "parent": p.parent, "name": p.name}, entries)
+        if p.op == "unlink":
+            return Item(
+                {"op": "unlink", "node": p.node, "parent": p.parent, "name": p.name, "base": base},
+                entries,
+            )
+        if p.op == "rmdir":
+            return Item(
+                {"op": "rmdir", "node": p.node, "parent": p.parent, "name": p.name}, entries
+            )
+        raise ValueError(f"unknown journal op {p.op}")
+
+    # ------------------------------------------------------------------ content
+
+    async def _content(self, item: Item, node: Node) -> None:
+        """Uploads what the server lacks of the node's current content and records the
+        manifest and the gen it was read at on the item."""
+        item.gen = node.gen
+        layout = self.replica.content.layout(node)
+        if not node.flags & Flag.DIRTY:
+            item.manifest = [list(c) for c in layout.chunks]
+            return
+        with self.store.read() as t:
+            dirty = t.page_numbers(node.space, node.id)
+        ranges = changed_ranges(node, layout, dirty)
+        codec = self.codec_of(node.space)
+        extra: dict[str, bytes] = {}
+        while True:
+            try:
+                manifest = await self._upload(node, layout, ranges, codec, extra)
+                break
+            except NeedChunk as need:
+                extra[need.chunk_id] = await self.replica.chunks.get(node.space, need.chunk_id)
+        item.manifest = [list(c) for c in manifest]
+
+    async def _upload(
+        self, node: Node, layout: Layout, ranges, codec: ChunkCodec, extra: dict[str, bytes]
+    ):
+        send, recv = trio.open_memory_channel[tuple[str, bytes] | None](8)
+        reader = SyncReader(self.store, self.replica.sealer, node, layout, codec.open, extra)
+        keep_local = node.size <= self.replica.chunks.cap // 4
+
+        def emit(piece: bytes) -> str:
+            chunk_id, blob = codec.seal(piece)
+            trio.from_thread.run(send.send, (chunk_id, blob))
+            return chunk_id
+
+        def work():
+            try:
+                return rechunk(reader, layout, self.chunker, node.size, ranges, emit)
+            finally:
+                trio.from_thread.run_sync(send.close)
+
+        result: list = []
+
+        async def produce() -> None:
+            result.append(await trio.to_thread.run_sync(work))
+
+        await gather(produce, lambda: self.upload_stream(node.space, recv, keep_local))
+        return result[0]
+
+    async def upload_file(self, space: str, path) -> list[tuple[str, int]]:
+        """Chunks, seals and uploads a local file as it is read; returns its manifest.
+        Memory stays bounded by a few chunks whatever the file's size."""
+        codec = self.codec_of(space)
+        send, recv = trio.open_memory_channel[tuple[str, bytes]](8)
+        manifest: list[tuple[str, int]] = []
+
+        def work() -> None:
+            try:
+                with open(path, "rb") as f:
+                    for piece in self.chunker.iter_chunks(f):
+                        chunk_id, blob = codec.seal(piece)
+                        manifest.append((chunk_id, len(piece)))
+                        trio.from_thread.run(send.send, (chunk_id, blob))
+            finally:
+                trio.from_thread.run_sync(send.close)
+
+        async def produce() -> None:
+            await trio.to_thread.run_sync(work)
+
+        await gather(produce, lambda: self.upload_stream(space, recv, False))
+        return manifest
+
+    async def upload_stream(self, space: str, recv, keep_local: bool) -> None:
+        """Sends chunks in groups (one `missing` call per group), two groups at a time."""
+        groups_send, groups_recv = trio.open_memory_channel[list[tuple[str, bytes]]](0)
+
+        async def collect() -> None:
+            group: list[tuple[str, bytes]] = []
+            size = 0
+            async with groups_send:
+                async for chunk_id, blob in recv:
+                    group.append((chunk_id, blob))
+                    size += len(blob)
+                    if len(group) >= 64 or size >= 32 * 1024 * 1024:
+                        await groups_send.send(group)
+                        group, size = [], 0
+                if group:
+                    await groups_send.send(group)
+
+        async def send_groups() -> None:
+            async for group in groups_recv:
+                await self._send_group(space, group, keep_local)
+
+        await gather(collect, send_groups, send_groups)
+
+    async def _send_group(
+        self, space: str, group: list[tuple[str, bytes]], keep_local: bool
+    ) -> None:
+        unique = dict(group)
+        missing = set(await self.backend.missing(space, list(unique)))
+        small = [(c, b) for c, b in unique.items() if c in missing and len(b) < SMALL_CHUNK]
+        large = [(c, b) for c, b in unique.items() if c in missing and len(b) >= SMALL_CHUNK]
+        jobs = [lambda c=c, b=b: self.backend.put_chunk(space, c, b) for c, b in large]
+        if small:
+            jobs.append(lambda: self.backend.put_chunks(space, small))
+        await gather(*jobs)
+        self.uploaded_bytes += sum(len(b) for c, b in unique.items() if c in missing)
+        if keep_local:
+            for chunk_id, blob in unique.items():
+                self.replica.chunks.cache(space, chunk_id, blob)
+
+    # ------------------------------------------------------------------ results
+
+    def _apply(self, batch: Batch, response: CommitResponse) -> None:
+        done: list[Pending] = []
+        touched: list[tuple[str, str]] = []
+        with self.store.write() as t:
+            for item, seq in zip(batch.items, response.seqs, strict=True):
+                p = item.entries[0][1]
+                node = t.node(batch.space, p.node)
+                done += [e for _, e in item.entries]
+                t.journal_delete([s for s, _ in item.entries])
+                if (
+                    node is None
+                    or seq is None
+                    or item.op["op"]
+                    not in ("mkdir", "create", "symlink", "special", "update", "setattr")
+                ):
+                    continue
+                node = node.but(version=seq, flags=node.flags & ~Flag.LOCAL)
+                if item.manifest is not None:
+                    t.put_manifest_bytes(
+                        batch.space, p.node, encode_manifest([tuple(c) for c in item.manifest])
+                    )
+                    if node.gen == item.gen:
+                        t.del_pages(batch.space, p.node)
+                        node = node.but(flags=node.flags & ~Flag.DIRTY, floor=NO_FLOOR)
+                    elif not self.replica.state.pending[(batch.space, p.node)]["content"]:
+                        self.replica.state.unjournaled[(batch.space, p.node)] = 0.0
+                t.put_node(node)
+                touched.append((batch.space, p.node))
+            t.del_meta("inflight")
+        self.replica.journal_done(done)
+        for space, node_id in touched:
+            self.replica.content.forget(space, node_id)
+        for item in batch.items:
+            for _, p in item.entries:
+                for node_id in (p.node, p.replace):
+                    if node_id:
+                        self.replica.collect_orphan(batch.space, node_id)
+
+    def _resolve(self, batch: Batch, results: list[OpResult]) -> None:
+        space = batch.space
+        device = self.replica.device_name
+        dropped: list[Pending] = []
+        with self.store.write() as t:
+            for result in results:
+                if result.code == OpCode.OK:
+                    continue
+                item = batch.items[result.index]
+                seq, p = item.entries[0]
+                op, code = item.op["op"], result.code
+                log.info("commit conflict on %s %s: %s", op, p.node, code)
+                if code == OpCode.QUOTA_EXCEEDED:
+                    t.del_meta("inflight")
+                    raise QuotaBlocked(f"over quota: {result.message}")
+                if code == OpCode.MISSING_CHUNKS:
+                    continue  # the next round asks `missing` again and uploads
+                if op in ("mkdir", "create", "symlink", "special", "link"):
+                    if code == OpCode.NODE_EXISTS:
+                        dropped += self._drop(t, item)
+                    elif code == OpCode.NAME_TAKEN:
+                        self._rename_entry(
+                            t, space, seq, p, p.parent, conflict_name(p.name, device)
+                        )
+                    elif code in (OpCode.NO_SUCH_NODE, OpCode.NOT_A_DIRECTORY):
+                        self._rename_entry(
+                            t, space, seq, p, ROOT_NODE, conflict_name(p.name, device)
+                        )
+                    else:
+                        dropped += self._drop(t, item)
+                elif op == "update":
+                    node = t.node(space, p.node)
+                    if node is not None and code in (OpCode.STALE_BASE, OpCode.NO_SUCH_NODE):
+                        keep_name = code == OpCode.NO_SUCH_NODE
+                        self._conflicted_copy(t, space, node, item, keep_name)
+                    dropped += self._drop(t, item)
+                elif op == "setattr" and code == OpCode.STALE_BASE and result.current:
+                    node = t.node(space, p.node)
+                    if node is not None:
+                        t.put_node(node.but(version=result.current))
+                elif op == "move" and code == OpCode.NAME_TAKEN:
+                    new = p.__class__(
+                        **{**p.__dict__, "new_name": conflict_name(p.new_name or "", device)}
+                    )
+                    self._move_local_entry(
+                        t, space, p.node, p.new_parent, p.new_name, new.new_parent, new.new_name
+                    )
+                    t.journal_put(seq, new)
+                elif op == "move" and code == OpCode.NO_SUCH_ENTRY and not p.exchange:
+                    self._copy_for_move(t, space, p, item)
+                    dropped += self._drop(t, item)
+                else:
+                    dropped += self._drop(t, item)
+            t.del_meta("inflight")
+        self.replica.journal_done(dropped)
+        self.replica.state.needs_resync.add(space)
+
+    def _drop(self, t, item: Item) -> list[Pending]:
+        t.journal_delete([s for s, _ in item.entries])
+        return [p for _, p in item.entries]
+
+    def _rename_entry(self, t, space: str, seq: int, p: Pending, parent: str, name: str) -> None:
+        self._move_local_entry(t, space, p.node, p.parent, p.name, parent, name)
+        t.journal_put(seq, Pending(**{**p.__dict__, "parent": parent, "name": name}))
+
+    @staticmethod
+    def _move_local_entry(t, space: str, node: str, parent, name, new_parent, new_name) -> None:
+        if t.child(space, parent, name) == node:
+            t.remove_entry(space, parent, name)
+        if t.child(space, new_parent, new_name) is None:
+            t.add_entry(space, new_parent, new_name, node)
+
+    def _conflicted_copy(self, t, space: str, node: Node, item: Item, keep_name: bool) -> None:
+        """Commits the local content of `node` as a new file next to it."""
+        entries = t.entries_of(space, node.id)
+        parent, name = entries[0] if entries else (ROOT_NODE, "untitled")
+        copy = Node(
+            space,
+            str(uuid.uuid4()),
+            Kind.FILE,
+            size=sum(n for _, n in item.manifest),
+            mode=node.mode,
+            uid=node.uid,
+            gid=node.gid,
+            mtime_ns=node.mtime_ns,
+            ctime_ns=node.ctime_ns,
+            flags=Flag.LOCAL,
+            xattrs=node.xattrs,
+        )
+        t.put_node(copy)
+        t.put_manifest_bytes(space, copy.id, encode_manifest([tuple(c) for c in item.manifest]))
+        if keep_name and t.child(space, parent, name) == node.id:
+            # deleted on the server: the edit takes the name back
+            t.remove_entry(space, parent, name)
+            copy_name = name
+        else:
+            copy_name = conflict_name(name, self.replica.device_name)
+        t.add_entry(space, parent, copy_name, copy.id)
+        self.replica.journal(t, Pending("create", space, copy.id, parent=parent, name=copy_name))
+        # the original goes back to what the server has (the resync fills it in)
+        t.del_pages(space, node.id)
+        t.put_node(
+            node.but(
+                flags=node.flags & ~Flag.DIRTY,
+                floor=NO_FLOOR,
+                gen=node.gen + 1,
+                size=Layout.of(decode_manifest(t.manifest_bytes(space, node.id))).size,
+            )
+        )
+        log.warning("conflict: kept this device's version of %r as %r", name, copy_name)
+
+    def _copy_for_move(self, t, space: str, p: Pending, item: Item) -> None:
+        node = t.node(space, p.node)
+        if node is None or node.kind != Kind.FILE:
+            return
+        copy = node.but(id=str(uuid.uuid4()), version=0, flags=Flag.LOCAL)
+        t.put_node(copy)
+        t.put_manifest_bytes(space, copy.id, t.manifest_bytes(space, node.id))
+        if t.child(space, p.new_parent, p.new_name) == node.id:
+            t.remove_entry(space, p.new_parent, p.new_name)
+        t.add_entry(space, p.new_parent, p.new_name, copy.id)
+        self.replica.journal(
+            t, Pending("create", space, copy.id, parent=p.new_parent, name=p.new_name)
+        )

@@ -1,0 +1,420 @@
+"""The local store: one LMDB environment holding everything a device knows.
+
+Named databases (keys: S = 16-byte space id, N/P = 16-byte node ids, C = 32-byte chunk
+id, integers big-endian):
+
+    meta       str key -> bytes      cursors ("cursor:" + space id -> u64), the cache byte
+                                     count ("cache_bytes"), the journal counter, settings
+    spaces     S -> JSON             the spaces this device syncs (SpaceInfo + local fields)
+    nodes      S N -> Node           the metadata mirror, with local changes applied
+    manifests  S N -> manifest       the node's base content: (C, u32 length)* as committed
+    children   S P name -> N         directory entries (name is UTF-8)
+    links      S N P name -> ''      the same entries keyed by node: hard links, paths
+    pages      S N u64 -> sealed     dirty pages (PAGE_SIZE bytes of the new content each,
+                                     sealed under the device key: no plaintext on disk)
+    journal    u64 -> Pending        local operations not yet committed, in order
+    chunks     S C -> sealed blob    the chunk cache (blobs as the server stores them)
+    chunkmeta  S C -> ChunkMeta      access time, size, pin count of each cached chunk
+    lru        u64 atime S C -> ''   cached chunks in access order, for eviction
+    pins       S N -> ''             nodes pinned for offline use
+
+Every mutation is one write transaction, so a crash leaves the old or the new state.
+Transactions are short and synchronous; never hold one across an `await`. This module
+is the only one that imports lmdb; lmdb errors become StoreError (MapFull → StoreFull).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from cache.records import (
+    ChunkMeta,
+    Node,
+    Pending,
+    from_u64,
+    raw,
+    u64,
+    unraw,
+)
+
+log = logging.getLogger(__name__)
+
+MAP_SIZE = 1 << 40  # sparse: only what is used takes disk
+DBS = (
+    "meta",
+    "spaces",
+    "nodes",
+    "manifests",
+    "children",
+    "links",
+    "pages",
+    "journal",
+    "chunks",
+    "chunkmeta",
+    "lru",
+    "pins",
+)
+
+
+class StoreError(Exception):
+    """The local store failed."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the map) is full: the write did not happen."""
+
+
+class Store:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=MAP_SIZE,
+                max_dbs=len(DBS) + 2,
+                readonly=readonly,
+                metasync=False,
+                sync=True,
+                max_readers=256,
+                create=not readonly,
+            )
+            with self.env.begin(write=not readonly) as txn:
+                self.dbs = {
+                    name: self.env.open_db(name.encode(), txn=txn, create=not readonly)
+                    for name in DBS
+                }
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        try:
+            with self.env.begin(write=False) as txn:
+                yield Txn(txn, self.dbs)
+        except lmdb.Error as exc:
+            raise StoreError(f"local store: {exc}") from exc
+
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        try:
+            with self.env.begin(write=True) as txn:
+                yield Txn(txn, self.dbs)
+        except lmdb.MapFullError as exc:
+            raise StoreFull("the local store is full") from exc
+        except lmdb.DiskError as exc:
+            raise StoreFull(f"local store: {exc}") from exc
+        except lmdb.Error as exc:
+            if "No space left" in str(exc):
+                raise StoreFull("no space left for the local store") from exc
+            raise StoreError(f"local store: {exc}") from exc
+
+    def size_on_disk(self) -> int:
+        info = self.env.info()
+        return info["last_pgno"] * self.env.stat()["psize"]
+
+
+class Txn:
+    """Typed access to the named databases inside one transaction."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict) -> None:
+        self.txn = txn
+        self.db = dbs
+
+    # ------------------------------------------------------------------ meta
+
+    def meta(self, key: str) -> bytes | None:
+        value = self.txn.get(key.encode(), db=self.db["meta"])
+        return bytes(value) if value is not None else None
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.txn.put(key.encode(), value, db=self.db["meta"])
+
+    def meta_int(self, key: str, default: int = 0) -> int:
+        value = self.meta(key)
+        return from_u64(value) if value is not None else default
+
+    def set_meta_int(self, key: str, value: int) -> None:
+        self.set_meta(key, u64(value))
+
+    def del_meta(self, key: str) -> None:
+        self.txn.delete(key.encode(), db=self.db["meta"])
+
+    # ------------------------------------------------------------------ spaces
+
+    def spaces(self) -> dict[str, bytes]:
+        with self.txn.cursor(db=self.db["spaces"]) as cur:
+            return {unraw(k): bytes(v) for k, v in cur}
+
+    def put_space(self, space: str, info: bytes) -> None:
+        self.txn.put(raw(space), info, db=self.db["spaces"])
+
+    # ------------------------------------------------------------------ nodes
+
+    def node(self, space: str, node: str) -> Node | None:
+        data = self.txn.get(raw(space) + raw(node), db=self.db["nodes"])
+        return Node.decode(space, node, data) if data is not None else None
+
+    def put_node(self, node: Node) -> None:
+        self.txn.put(node.key, node.encode(), db=self.db["nodes"])
+
+    def del_node(self, space: str, node: str) -> None:
+        key = raw(space) + raw(node)
+        self.txn.delete(key, db=self.db["nodes"])
+        self.txn.delete(key, db=self.db["manifests"])
+        self.del_pages(space, node)
+        self.txn.delete(key, db=self.db["pins"])
+
+    def nodes(self, space: str) -> Iterator[Node]:
+        prefix = raw(space)
+        with self.txn.cursor(db=self.db["nodes"]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    return
+                yield Node.decode(space, unraw(key[16:32]), value)
+
+    def manifest_bytes(self, space: str, node: str) -> bytes:
+        data = self.txn.get(raw(space) + raw(node), db=self.db["manifests"])
+        return bytes(data) if data is not None else b""
+
+    def put_manifest_bytes(self, space: str, node: str, data: bytes) -> None:
+        key = raw(space) + raw(node)
+        if data:
+            self.txn.put(key, data, db=self.db["manifests"])
+        else:
+            self.txn.delete(key, db=self.db["manifests"])
+
+    # ------------------------------------------------------------------ entries
+
+    def child(self, space: str, parent: str, name: str) -> str | None:
+        value = self.txn.get(raw(space) + raw(parent) + name.encode(), db=self.db["children"])
+        return unraw(value) if value is not None else None
+
+    def children(
+        self, space: str, parent: str, after: str | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(name, node) of a directory in name order, starting after `after`."""
+        prefix = raw(space) + raw(parent)
+        start = prefix + (after.encode() + b"\x00" if after is not None else b"")
+        with self.txn.cursor(db=self.db["children"]) as cur:
+            if not cur.set_range(start):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    return
+                yield bytes(key[32:]).decode(), unraw(value)
+
+    def has_children(self, space: str, parent: str) -> bool:
+        return next(self.children(space, parent), None) is not None
+
+    def add_entry(self, space: str, parent: str, name: str, node: str) -> None:
+        self.txn.put(raw(space) + raw(parent) + name.encode(), raw(node), db=self.db["children"])
+        self.txn.put(raw(space) + raw(node) + raw(parent) + name.encode(), b"", db=self.db["links"])
+
+    def remove_entry(self, space: str, parent: str, name: str) -> str | None:
+        key = raw(space) + raw(parent) + name.encode()
+        value = self.txn.pop(key, db=self.db["children"])
+        if value is None:
+            return None
+        self.txn.delete(
+            raw(space) + bytes(value) + raw(parent) + name.encode(), db=self.db["links"]
+        )
+        return unraw(value)
+
+    def entries_of(self, space: str, node: str) -> list[tuple[str, str]]:
+        """(parent, name) of every entry leading to the node."""
+        prefix = raw(space) + raw(node)
+        out = []
+        with self.txn.cursor(db=self.db["links"]) as cur:
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append((unraw(key[32:48]), bytes(key[48:]).decode()))
+        return out
+
+    def clear_space_tree(self, space: str) -> None:
+        """Drops the mirror of a space (nodes, manifests, entries); keeps chunks."""
+        prefix = raw(space)
+        for name in ("nodes", "manifests", "children", "links"):
+            with self.txn.cursor(db=self.db[name]) as cur:
+                if not cur.set_range(prefix):
+                    continue
+                while cur.key().startswith(prefix):
+                    if not cur.delete():
+                        break
+
+    # ------------------------------------------------------------------ dirty pages
+
+    def page(self, space: str, node: str, page_no: int) -> bytes | None:
+        value = self.txn.get(raw(space) + raw(node) + u64(page_no), db=self.db["pages"])
+        return bytes(value) if value is not None else None
+
+    def put_page(self, space: str, node: str, page_no: int, sealed: bytes) -> None:
+        self.txn.put(raw(space) + raw(node) + u64(page_no), sealed, db=self.db["pages"])
+
+    def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
+        prefix = raw(space) + raw(node)
+        out = []
+        with self.txn.cursor(db=self.db["pages"]) as cur:
+            if cur.set_range(prefix + u64(start)):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append(from_u64(key[32:]))
+        return out
+
+    def del_pages(self, space: str, node: str, start: int = 0) -> int:
+        prefix = raw(space) + raw(node)
+        removed = 0
+        with self.txn.cursor(db=self.db["pages"]) as cur:
+            if not cur.set_range(prefix + u64(start)):
+                return 0
+            while cur.key().startswith(prefix):
+                removed += 1
+                if not cur.delete():
+                    break
+        return removed
+
+    def dirty_bytes(self) -> int:
+        return self.txn.stat(self.db["pages"])["entries"] * 128 * 1024
+
+    # ------------------------------------------------------------------ journal
+
+    def journal_append(self, entry: Pending) -> int:
+        seq = self.meta_int("journal_seq") + 1
+        self.set_meta_int("journal_seq", seq)
+        self.txn.put(u64(seq), entry.encode(), db=self.db["journal"])
+        return seq
+
+    def journal_put(self, seq: int, entry: Pending) -> None:
+        """Rewrites a journal entry in place (conflict resolution)."""
+        self.txn.put(u64(seq), entry.encode(), db=self.db["journal"])
+
+    def journal(self, limit: int | None = None) -> list[tuple[int, Pending]]:
+        out = []
+        with self.txn.cursor(db=self.db["journal"]) as cur:
+            for key, value in cur:
+                out.append((from_u64(key), Pending.decode(value)))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def journal_delete(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.txn.delete(u64(seq), db=self.db["journal"])
+
+    def journal_len(self) -> int:
+        return self.txn.stat(self.db["journal"])["entries"]
+
+    # ------------------------------------------------------------------ chunk cache
+
+    def chunk(self, space: str, chunk_id: str) -> bytes | None:
+        value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunks"])
+        return bytes(value) if value is not None else None
+
+    def chunk_meta(self, space: str, chunk_id: str) -> ChunkMeta | None:
+        value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunkmeta"])
+        return ChunkMeta.decode(value) if value is not None else None
+
+    def put_chunk(self, space: str, chunk_id: str, blob: bytes, pins: int = 0) -> bool:
+        """Caches a sealed chunk; False if it was there already."""
+        key = raw(space) + bytes.fromhex(chunk_id)
+        if self.txn.get(key, db=self.db["chunkmeta"]) is not None:
+            return False
+        now = time.time_ns()
+        self.txn.put(key, blob, db=self.db["chunks"])
+        self.txn.put(key, ChunkMeta(now, len(blob), pins).encode(), db=self.db["chunkmeta"])
+        self.txn.put(u64(now) + key, b"", db=self.db["lru"])
+        self.set_meta_int("cache_bytes", self.meta_int("cache_bytes") + len(blob))
+        return True
+
+    def touch_chunk(self, space: str, chunk_id: str) -> None:
+        key = raw(space) + bytes.fromhex(chunk_id)
+        value = self.txn.get(key, db=self.db["chunkmeta"])
+        if value is None:
+            return
+        meta = ChunkMeta.decode(value)
+        now = time.time_ns()
+        self.txn.delete(u64(meta.atime_ns) + key, db=self.db["lru"])
+        self.txn.put(u64(now) + key, b"", db=self.db["lru"])
+        self.txn.put(key, ChunkMeta(now, meta.size, meta.pins).encode(), db=self.db["chunkmeta"])
+
+    def pin_chunk(self, space: str, chunk_id: str, delta: int) -> None:
+        key = raw(space) + bytes.fromhex(chunk_id)
+        value = self.txn.get(key, db=self.db["chunkmeta"])
+        if value is None:
+            return
+        meta = ChunkMeta.decode(value)
+        self.txn.put(
+            key,
+            ChunkMeta(meta.atime_ns, meta.size, max(0, meta.pins + delta)).encode(),
+            db=self.db["chunkmeta"],
+        )
+
+    def delete_chunk(self, space: str, chunk_id: str) -> int:
+        key = raw(space) + bytes.fromhex(chunk_id)
+        value = self.txn.pop(key, db=self.db["chunkmeta"])
+        if value is None:
+            return 0
+        meta = ChunkMeta.decode(value)
+        self.txn.delete(key, db=self.db["chunks"])
+        self.txn.delete(u64(meta.atime_ns) + key, db=self.db["lru"])
+        self.set_meta_int("cache_bytes", self.meta_int("cache_bytes") - meta.size)
+        return meta.size
+
+    def cache_bytes(self) -> int:
+        return self.meta_int("cache_bytes")
+
+    def pinned_bytes(self) -> int:
+        total = 0
+        with self.txn.cursor(db=self.db["chunkmeta"]) as cur:
+            for value in cur.iternext(keys=False):
+                meta = ChunkMeta.decode(value)
+                if meta.pins:
+                    total += meta.size
+        return total
+
+    def evict(self, cap: int) -> int:
+        """Deletes least recently used unpinned chunks until the cache holds at most
+        `cap` bytes (or only pinned ones are left). Returns bytes freed."""
+        used = self.cache_bytes()
+        freed = 0
+        if used <= cap:
+            return 0
+        victims: list[bytes] = []
+        with self.txn.cursor(db=self.db["lru"]) as cur:
+            for key in cur.iternext(values=False):
+                if used - freed <= cap:
+                    break
+                chunk_key = bytes(key[8:])
+                meta = ChunkMeta.decode(self.txn.get(chunk_key, db=self.db["chunkmeta"]))
+                if meta.pins:
+                    continue
+                victims.append(chunk_key)
+                freed += meta.size
+        for chunk_key in victims:
+            self.delete_chunk(unraw(chunk_key[:16]), chunk_key[16:].hex())
+        return freed
+
+    # ------------------------------------------------------------------ pins
+
+    def pinned(self, space: str, node: str) -> bool:
+        return self.txn.get(raw(space) + raw(node), db=self.db["pins"]) is not None
+
+    def set_pinned(self, space: str, node: str, pinned: bool) -> None:
+        key = raw(space) + raw(node)
+        if pinned:
+            self.txn.put(key, b"", db=self.db["pins"])
+        else:
+            self.txn.delete(key, db=self.db["pins"])

@@ -1,0 +1,262 @@
+"""The replica's guarantees, against a real server process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from backend.http import HttpBackend
+from cache.errors import Corrupt, Offline
+from cache.keys import WrongPassword
+from cache.session import Session, load, login
+from loft.protocol import ROOT_NODE as ROOT
+from tests.replica.worker import flood_content
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * 1024 * 1024)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def counting_session(home: Path, **kw):
+    """A session over a bare HTTP backend whose byte counters the test reads."""
+    config, token, _ = load(home)
+    backend = HttpBackend(config.server, token)
+    return backend, Session.open(home, backend=backend, **kw)
+
+
+async def read_path(session: Session, path: str) -> bytes:
+    node = session.replica.resolve(path)
+    return await session.replica.read(session.replica.home, node.id, 0, node.size + 1)
+
+
+async def test_replica_small_edit_of_big_file_uploads_one_chunk(devices, tmp_path):
+    home = await devices.add()
+    src = write_random(tmp_path / "big.bin", 300_000_000)
+    backend, opened = counting_session(home)
+    async with opened as a:
+        r = a.replica
+        node_id = await a.import_file(src, ROOT, "big.bin")
+        await a.sync()
+        # a 1-byte overwrite in the middle
+        puts = backend.requests.get("put_chunk", 0) + backend.requests.get("put_chunks", 0)
+        sent = backend.bytes_sent
+        await r.write(r.home, node_id, 150_000_000, b"\x00")
+        r.flush(r.home, node_id)
+        await a.sync()
+        chunks_sent = (
+            backend.requests.get("put_chunk", 0) + backend.requests.get("put_chunks", 0) - puts
+        )
+        assert chunks_sent <= 1
+        assert backend.bytes_sent - sent < 4.2e6 + 200_000  # one chunk plus requests
+        # an 8-byte insertion at the start: the file is rewritten, as an editor saves it
+        sent = backend.bytes_sent
+        await r.truncate(r.home, node_id, 0)
+        pos = 0
+        with open(src, "rb") as f:
+            await r.write(r.home, node_id, 0, b"INSERTED")
+            pos = 8
+            while block := f.read(8 << 20):
+                if pos - 8 <= 150_000_000 < pos - 8 + len(block):
+                    at = 150_000_000 - (pos - 8)
+                    block = block[:at] + b"\x00" + block[at + 1 :]
+                await r.write(r.home, node_id, pos, block)
+                pos += len(block)
+        r.flush(r.home, node_id)
+        await a.sync()
+        assert backend.bytes_sent - sent < 2 * 4.2e6 + 500_000  # at most two chunks
+        head = await r.read(r.home, node_id, 0, 16)
+        assert head[:8] == b"INSERTED"
+
+
+async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
+    a_home, b_home = await devices.add("laptop"), await devices.add("desk")
+    async with Session.open(a_home) as a, Session.open(b_home) as b:
+        ra, rb = a.replica, b.replica
+        f = ra.create(ra.home, ROOT, "notes.txt")
+        await ra.write(ra.home, f.id, 0, b"original")
+        ra.flush(ra.home, f.id)
+        await a.sync()
+        await b.sync()
+        server.stop()
+        await ra.write(ra.home, f.id, 0, b"laptop's edit")
+        ra.flush(ra.home, f.id)
+        g = rb.resolve("notes.txt")
+        await rb.write(rb.home, g.id, 0, b"desk's edit!!")
+        rb.flush(rb.home, g.id)
+        # offline: reads of cached data work, everything is queued
+        assert await read_path(a, "notes.txt") == b"laptop's edit"
+        server.start()
+        await a.sync()
+        await b.sync()
+        await a.sync()
+        names_a = sorted(n for n, _ in ra.readdir(ra.home, ROOT))
+        names_b = sorted(n for n, _ in rb.readdir(rb.home, ROOT))
+        assert names_a == names_b and len(names_a) == 2
+        contents = {await read_path(a, n) for n in names_a}
+        assert contents == {b"laptop's edit", b"desk's edit!!"}
+        conflicted = [n for n in names_a if "conflicted copy" in n]
+        assert len(conflicted) == 1 and conflicted[0].endswith(".txt")
+
+
+async def test_replica_delete_against_edit_keeps_the_edit(devices, server):
+    a_home, b_home = await devices.add("laptop"), await devices.add("desk")
+    async with Session.open(a_home) as a, Session.open(b_home) as b:
+        ra, rb = a.replica, b.replica
+        f = ra.create(ra.home, ROOT, "plan.md")
+        await ra.write(ra.home, f.id, 0, b"v1")
+        ra.flush(ra.home, f.id)
+        await a.sync()
+        await b.sync()
+        server.stop()
+        ra.unlink(ra.home, ROOT, "plan.md")
+        g = rb.resolve("plan.md")
+        await rb.write(rb.home, g.id, 0, b"v2 edited")
+        rb.flush(rb.home, g.id)
+        server.start()
+        await b.sync()
+        await a.sync()
+        await b.sync()
+        for session in (a, b):
+            assert await read_path(session, "plan.md") == b"v2 edited"
+
+
+async def test_replica_killed_during_flush_drains_without_loss_or_duplicates(devices, tmp_path):
+    home = await devices.add()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.replica.worker", "flood", str(home), "300", "50000"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "LOFT_TEST_FAST_KDF": "1"},
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"journaled"
+        await trio.sleep(0.3)  # the flusher is uploading and committing
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    async with Session.open(home) as a:
+        await a.sync()
+    other = await devices.add("checker")
+    async with Session.open(other) as b:
+        await b.sync()
+        names = sorted(
+            n for n, _ in b.replica.readdir(b.replica.home, b.replica.resolve("flood").id)
+        )
+        assert names == [f"f{i:05}" for i in range(300)]
+        for i in (0, 137, 299):
+            assert await read_path(b, f"flood/f{i:05}") == flood_content(i, 50000)
+        history = await b.backend.changes({b.replica.home: 0}, wait=0, limit=5000)
+        creates = [c.name for c in history.spaces[b.replica.home].changes if c.op == "create"]
+        assert len(creates) == len(set(creates)) == 300
+
+
+async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
+    devices, server, tmp_path, allow_error_logs
+):
+    a_home, b_home = await devices.add(), await devices.add()
+    async with Session.open(a_home) as a:
+        src = write_random(tmp_path / "data.bin", 3_000_000, seed=5)
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+        chunk_id = a.replica.content.layout(a.replica.resolve("data.bin")).chunks[0][0]
+    blob = next(server.data_dir.glob(f"blobs/*/{chunk_id[:2]}/{chunk_id}"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    async with Session.open(b_home) as b:
+        await b.sync()
+        node = b.replica.resolve("data.bin")
+        with pytest.raises(Corrupt, match=chunk_id):
+            await b.replica.read(b.replica.home, node.id, 0, 100)
+
+
+async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):
+    a_home, b_home = await devices.add(), await devices.add()
+    cap = 64 * 1024 * 1024
+    async with Session.open(a_home) as a:
+        await a.import_file(write_random(tmp_path / "movie.bin", 500_000_000), ROOT, "movie.bin")
+        await a.sync()
+    async with Session.open(b_home, cache_size=cap) as b:
+        await b.sync()
+        r = b.replica
+        node = r.resolve("movie.bin")
+        h = hashlib.sha256()
+        peak = 0
+        for offset in range(0, node.size, 4 << 20):
+            h.update(await r.read(r.home, node.id, offset, 4 << 20))
+            with b.store.read() as t:
+                peak = max(peak, t.cache_bytes())
+        assert h.hexdigest() == sha256_of(tmp_path / "movie.bin")
+        assert 0 < peak <= cap
+
+
+async def test_replica_offline_uncached_read_fails_fast(devices, server, tmp_path):
+    a_home, b_home = await devices.add(), await devices.add()
+    async with Session.open(a_home) as a:
+        await a.import_file(write_random(tmp_path / "x.bin", 2_000_000), ROOT, "x.bin")
+        await a.sync()
+    async with Session.open(b_home) as b:
+        await b.sync()
+        server.stop()
+        node = b.replica.resolve("x.bin")
+        with trio.fail_after(6):
+            with pytest.raises(Offline):
+                await b.replica.read(b.replica.home, node.id, 0, 10)
+        # writes are still accepted and queued
+        c = b.replica.create(b.replica.home, ROOT, "offline.txt")
+        await b.replica.write(b.replica.home, c.id, 0, b"queued")
+        b.replica.flush(b.replica.home, c.id)
+        server.start()
+        await b.sync()
+    async with Session.open(a_home) as a:
+        await a.sync()
+        assert await read_path(a, "offline.txt") == b"queued"
+
+
+async def test_replica_login_with_password_alone_and_no_plaintext_at_rest(
+    devices, server, tmp_path
+):
+    marker = b"LOFT-PLAINTEXT-MARKER-7f3a9c" * 40_000  # compressible, 1.1 MB
+    a_home = await devices.add()
+    async with Session.open(a_home) as a:
+        r = a.replica
+        f = r.create(r.home, ROOT, "secret.txt")
+        await r.write(r.home, f.id, 0, marker)
+        r.flush(r.home, f.id)
+        g = r.create(r.home, ROOT, "unsynced.txt")
+        await r.write(r.home, g.id, 0, marker[:100_000])  # dirty pages, not yet flushed
+        await a.sync()
+    with pytest.raises(WrongPassword):
+        await login(tmp_path / "intruder", server.url, devices.user, "wrong", "x")
+    b_home = await devices.add("new laptop")
+    async with Session.open(b_home) as b:
+        await b.sync()
+        assert await read_path(b, "secret.txt") == marker
+    needle = b"LOFT-PLAINTEXT-MARKER"
+    for root in (server.data_dir, a_home, b_home):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert needle not in path.read_bytes(), path
