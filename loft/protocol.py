@@ -362,7 +362,7 @@ class SymlinkOp(Model):
     node: Uuid
     parent: Uuid
     name: Name
-    target: Annotated[str, Field(min_length=1, max_length=4096)]
+    target: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
     attrs: Attrs = Attrs(mode=0o777)
 
 
@@ -372,7 +372,7 @@ class SpecialOp(Model):
     parent: Uuid
     name: Name
     special: SpecialKind
-    rdev: Annotated[int, Field(ge=0, le=2**64 - 1)] = 0
+    rdev: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     attrs: Attrs = Attrs()
 
 

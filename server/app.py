@@ -137,10 +137,15 @@ class App:
     async def _dispatch(self, scope: dict[str, Any], receive) -> Response:
         ctx = self.ctx
         assert ctx is not None, "the app serves only while running()"
+        body = _Body(receive)
         try:
-            return await self._handle(ctx, scope, receive)
+            return await self._handle(ctx, scope, body)
         except ApiError as err:
-            return error_response(err)
+            response = error_response(err)
+            if not await body.drain():
+                # too much left unread to swallow: answer, then close the connection
+                response.headers.append((b"connection", b"close"))
+            return response
         except StorageFull as exc:
             log.warning("%s", exc)
             return error_response(ApiError(507, ErrorCode.INTERNAL, "the server is out of space"))
@@ -151,7 +156,7 @@ class App:
             log.exception("bug while serving %s %s", scope["method"], scope["path"])
             return error_response(ApiError(500, ErrorCode.INTERNAL, "internal error"))
 
-    async def _handle(self, ctx: Context, scope: dict[str, Any], receive) -> Response:
+    async def _handle(self, ctx: Context, scope: dict[str, Any], body: _Body) -> Response:
         route, params = self.router.match(scope["method"], scope["path"])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         req = Request(
@@ -175,7 +180,7 @@ class App:
                     ErrorCode.FORBIDDEN,
                     f"this needs the {route.role} role; you are {req.role}",
                 )
-        req.body = await _read_body(receive, headers, route.body_limit)
+        req.body = await body.read(headers, route.body_limit)
         if isinstance(route.body, type) and issubclass(route.body, BaseModel):
             try:
                 req.model = route.body.model_validate_json(req.body)
@@ -184,24 +189,49 @@ class App:
         return await route.handler(ctx, req)
 
 
-async def _read_body(receive, headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, ErrorCode.INVALID, "bad content-length")
-        if int(declared) > limit:
-            raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(400, ErrorCode.INVALID, "client went away")
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
-        chunks.append(part)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+class _Body:
+    """The request body, read at most once. An error answered before the body was read
+    first drains it (bounded), because a client still sending would miss the answer."""
+
+    DRAIN_BYTES = 80 * 1024 * 1024
+    DRAIN_SECONDS = 10.0
+
+    def __init__(self, receive) -> None:
+        self.receive = receive
+        self.done = False
+
+    async def read(self, headers: dict[str, str], limit: int) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, ErrorCode.INVALID, "bad content-length")
+            if int(declared) > limit:
+                raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.done = True
+                raise ApiError(400, ErrorCode.INVALID, "client went away")
+            part = message.get("body", b"")
+            size += len(part)
+            if not message.get("more_body", False):
+                self.done = True
+            if size > limit:
+                raise ApiError(413, ErrorCode.TOO_LARGE, f"the body is over {limit} bytes")
+            chunks.append(part)
+            if self.done:
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def drain(self) -> bool:
+        """Reads and drops what is left of the body; False if it was too much."""
+        left = self.DRAIN_BYTES
+        with trio.move_on_after(self.DRAIN_SECONDS):
+            while not self.done and left > 0:
+                message = await self.receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    self.done = True
+                left -= len(message.get("body", b""))
+        return self.done

@@ -271,10 +271,13 @@ class _Applier:
             )
         self.used += delta
 
-    def _reference(self, content: Content) -> bytes:
-        """Checks the content and takes a reference on each distinct chunk it names."""
+    @staticmethod
+    def _check_size(content: Content) -> None:
         if sum(n for _, n in content.chunks) != content.size:
             raise OpRefused(OpCode.INVALID, "chunk lengths do not add up to the size")
+
+    def _reference(self, content: Content) -> bytes:
+        """Takes a reference on each distinct chunk the content names."""
         distinct = list({bytes.fromhex(c) for c, _ in content.chunks})
         present = 0
         for i in range(0, len(distinct), 500):
@@ -341,6 +344,8 @@ class _Applier:
             raise OpRefused(OpCode.NODE_EXISTS, f"node {op.node} exists")
         self._dir(op.parent)
         self._expect_free(op.parent, op.name)
+        if content is not None:
+            self._check_size(content)
         seq = self._next_seq()
         size = content.size if content else 0
         manifest = self._reference(content) if content and content.chunks else None
@@ -396,6 +401,7 @@ class _Applier:
                 f"{op.node} is a {node.kind}, not a file",
             )
         self._expect_base(node, op.base)
+        self._check_size(op.content)
         attrs = op.attrs or attrs_of(self._version_row(op.node, node.version))
         seq = self._next_seq()
         manifest = self._reference(op.content) if op.content.chunks else None

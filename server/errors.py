@@ -22,6 +22,7 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.details: list[OpResult] | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
 
 
 class CommitRejected(ApiError):

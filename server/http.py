@@ -86,7 +86,8 @@ def raw_json_response(body: bytes, status: int = 200) -> Response:
 
 def error_response(err: ApiError) -> Response:
     body = ErrorBody(code=err.code, message=err.message, details=err.details)
-    return Response(err.status, body.model_dump_json(exclude_none=True).encode())
+    return Response(err.status, body.model_dump_json(exclude_none=True).encode(),
+                    headers=list(err.headers))
 
 
 Handler = Callable[[Any, Request], Awaitable[Response]]
@@ -128,16 +129,18 @@ class Router:
             self._compiled.append((re.compile(f"^{pattern}$"), route))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
+        allowed: list[str] = []
         for pattern, route in self._compiled:
             m = pattern.match(path)
             if m is None:
                 continue
             if route.method == method:
                 return route, m.groupdict()
-            allowed = True
+            allowed.append(route.method)
         if allowed:
-            raise ApiError(405, ErrorCode.METHOD_NOT_ALLOWED, f"{method} is not allowed here")
+            err = ApiError(405, ErrorCode.METHOD_NOT_ALLOWED, f"{method} is not allowed here")
+            err.headers = [(b"allow", ", ".join(sorted(set(allowed))).encode())]
+            raise err
         raise ApiError(404, ErrorCode.NOT_FOUND, "no such endpoint")
 
 

@@ -125,6 +125,7 @@ def _read_tree(
     head = conn.execute("SELECT head FROM spaces WHERE id = ?", (space_id,)).fetchone()[0]
     at = head if at is None or at > head else at
     live = "created_seq <= :at AND (deleted_seq IS NULL OR deleted_seq > :at)"
+    after = after or None
     args = {"space": space_id, "at": at, "after": after or "", "limit": limit}
     ids = [
         r[0]
@@ -204,10 +205,10 @@ async def versions(ctx, req: Request) -> Response:
 
 async def version(ctx, req: Request) -> Response:
     space_id, node = req.params["space"], req.params["node"]
-    try:
-        seq = int(req.params["version"])
-    except ValueError:
-        raise not_found("no such version") from None
+    text = req.params["version"]
+    if not text.isdigit() or len(text) > 18:
+        raise not_found("no such version")
+    seq = int(text)
 
     def tx(conn: sqlite3.Connection) -> NodeState:
         row = conn.execute(
