@@ -93,3 +93,35 @@ def serve(
         certfile,
         keyfile,
     )
+
+
+def _home() -> Path:
+    """The device's state folder: LOFT_HOME, else the platform's user data folder."""
+    import os
+
+    env = os.environ.get("LOFT_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "loft"
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--cache-size", default="10G", show_default=True, type=SizeType(),
+              help="Cap on locally cached file data.")
+@click.option("--allow-other", is_flag=True, help="Let other users access the mount.")
+@click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--foreground", is_flag=True, help="Stay in the foreground (log to stderr).")
+def mount(mountpoint: Path, cache_size: int, allow_other: bool, read_only: bool,
+          foreground: bool) -> None:
+    """Mount the workspace at MOUNTPOINT (returns once it is ready)."""
+    from fs.mount import MountError, MountOptions
+    from fs.mount import mount as run_mount
+
+    options = MountOptions(cache_size=cache_size, allow_other=allow_other,
+                           read_only=read_only, foreground=foreground)
+    try:
+        run_mount(_home(), mountpoint, options)
+    except MountError as exc:
+        raise click.ClickException(str(exc)) from None
