@@ -25,7 +25,9 @@ from cache.store import Store, StoreFull
 
 log = logging.getLogger(__name__)
 
-DECODED_BYTES = 64 * 1024 * 1024
+DECODED_BYTES = 48 * 1024 * 1024
+#: Queued cache inserts past this are written at once rather than in the next burst.
+UNWRITTEN_BYTES = 32 * 1024 * 1024
 TOUCH_EVERY = 30.0
 FETCH_TIMEOUT = 5.0
 
@@ -76,6 +78,9 @@ class ChunkSource:
         self._decoded_bytes = 0
         self._inflight: dict[tuple[str, str], trio.Event] = {}
         self._touched: dict[tuple[str, str], float] = {}
+        self._unwritten: dict[tuple[str, str], bytes] = {}
+        self._unwritten_bytes = 0
+        self._unwritten_event = trio.Event()
         self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, str]](64)
         self.fetched_bytes = 0
 
@@ -104,8 +109,10 @@ class ChunkSource:
 
     async def _load(self, space: str, chunk_id: str) -> bytes:
         codec = self.codec_of(space)
-        with self.store.read() as t:
-            blob = t.chunk(space, chunk_id)
+        blob = self._unwritten.get((space, chunk_id))
+        if blob is None:
+            with self.store.read() as t:
+                blob = t.chunk(space, chunk_id)
         if blob is not None:
             self._touch(space, chunk_id)
             try:
@@ -150,15 +157,38 @@ class ChunkSource:
         return blob
 
     def cache(self, space: str, chunk_id: str, blob: bytes) -> None:
-        """Keeps a sealed chunk locally if it fits under the cap."""
+        """Keeps a sealed chunk locally if it fits under the cap. Inserts are written in
+        bursts, one transaction each (a synced commit per chunk would cost more than
+        the download); until then `_unwritten` serves them."""
         if len(blob) > self.cap:
+            return
+        self._unwritten[(space, chunk_id)] = blob
+        self._unwritten_bytes += len(blob)
+        if self._unwritten_bytes > UNWRITTEN_BYTES:
+            self.write_cached()
+        else:
+            self._unwritten_event.set()
+
+    def write_cached(self) -> None:
+        """Writes the queued inserts in one transaction, evicting to stay under the cap."""
+        items, self._unwritten, self._unwritten_bytes = self._unwritten, {}, 0
+        if not items:
             return
         try:
             with self.store.write() as t:
-                if t.put_chunk(space, chunk_id, blob):
+                added = [t.put_chunk(space, chunk_id, blob)
+                         for (space, chunk_id), blob in items.items()]
+                if any(added):
                     t.evict(self.cap)
         except StoreFull:
-            log.warning("local store full; chunk %s not cached", chunk_id)
+            log.warning("local store full; %d chunks not cached", len(items))
+
+    async def _run_cache_writer(self) -> None:
+        while True:
+            await self._unwritten_event.wait()
+            self._unwritten_event = trio.Event()
+            await trio.sleep(0.02)  # let a burst gather
+            self.write_cached()
 
     def _remember(self, key: tuple[str, str], plain: bytes) -> None:
         self._decoded[key] = plain
@@ -196,10 +226,11 @@ class ChunkSource:
             except trio.WouldBlock:
                 return
 
-    async def run_prefetchers(self, workers: int = 3, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_prefetchers(self, workers: int = 4, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(workers):
                 nursery.start_soon(self._prefetcher)
+            nursery.start_soon(self._run_cache_writer)
             task_status.started()
 
     async def _prefetcher(self) -> None:

@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 MAX_OPS = 2000
 MAX_CONTENT = 256 * 1024 * 1024
-SMALL_CHUNK = 256 * 1024
+#: Chunks travel in framed batches of about this size, three batches in flight.
+GROUP_BYTES = 16 * 1024 * 1024
 UPLOADERS = 4
 VERSIONED = {"mkdir", "create", "symlink", "special", "content", "setattr"}
 NEEDS_BASE = {"content", "setattr", "unlink"}
@@ -411,7 +412,7 @@ class Flusher:
                 async for chunk_id, blob in recv:
                     group.append((chunk_id, blob))
                     size += len(blob)
-                    if len(group) >= 64 or size >= 32 * 1024 * 1024:
+                    if len(group) >= 64 or size >= GROUP_BYTES:
                         await groups_send.send(group)
                         group, size = [], 0
                 if group:
@@ -421,19 +422,15 @@ class Flusher:
             async for group in groups_recv:
                 await self._send_group(space, group, keep_local)
 
-        await gather(collect, send_groups, send_groups)
+        await gather(collect, send_groups, send_groups, send_groups)
 
     async def _send_group(
         self, space: str, group: list[tuple[str, bytes]], keep_local: bool
     ) -> None:
         unique = dict(group)
         missing = set(await self.backend.missing(space, list(unique)))
-        small = [(c, b) for c, b in unique.items() if c in missing and len(b) < SMALL_CHUNK]
-        large = [(c, b) for c, b in unique.items() if c in missing and len(b) >= SMALL_CHUNK]
-        jobs = [lambda c=c, b=b: self.backend.put_chunk(space, c, b) for c, b in large]
-        if small:
-            jobs.append(lambda: self.backend.put_chunks(space, small))
-        await gather(*jobs)
+        # one framed request per group: the server writes and syncs the blobs together
+        await self.backend.put_chunks(space, [(c, b) for c, b in unique.items() if c in missing])
         self.uploaded_bytes += sum(len(b) for c, b in unique.items() if c in missing)
         if keep_local:
             for chunk_id, blob in unique.items():

@@ -12,6 +12,7 @@ in a nursery for as long as the session is open.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -56,6 +57,23 @@ DEFAULT_CACHE = 10 * 1024**3
 
 class NotLoggedIn(ReplicaError):
     pass
+
+
+def limit_heap_growth() -> None:
+    """Keeps chunk-sized buffers out of the malloc heap.
+
+    glibc raises its mmap threshold each time a large block is freed, after which
+    1 MiB chunk buffers come from the heap, fragment it and are never returned: a 1 GiB
+    download then left ~300 MB resident. A fixed threshold gives each such buffer its own
+    mapping, returned on free (measured: peak RSS 490 -> 334 MB for a 1 GiB round trip).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_trim_threshold, 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -215,6 +233,7 @@ class Session:
         backend: Backend | None = None,
     ) -> AsyncIterator[Session]:
         config, token, keyring = load(home)
+        limit_heap_growth()
         store = Store(home / "store")
         backend = backend or stack(config.server, token)
         codecs: dict[str, ChunkCodec] = {

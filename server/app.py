@@ -26,6 +26,7 @@ from loft.protocol import ErrorCode
 from server import gc
 from server.accounts import authenticate
 from server.blobs import DirectoryBlobStore
+from server.chunks import ChunkRecorder
 from server.db import Database
 from server.errors import ApiError, BlobStoreError, StorageFull, StoreError, not_found
 from server.http import (
@@ -61,6 +62,7 @@ class Context:
     notifier: Notifier
     secret: bytes
     openapi: bytes
+    chunk_rows: ChunkRecorder
 
 
 def _secret(conn: sqlite3.Connection) -> bytes:
@@ -91,6 +93,7 @@ class App:
                 notifier=Notifier(),
                 secret=db.write_sync(_secret),
                 openapi=json.dumps(build(ROUTES)).encode(),
+                chunk_rows=ChunkRecorder(db),
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(

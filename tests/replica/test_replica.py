@@ -260,3 +260,16 @@ async def test_replica_login_with_password_alone_and_no_plaintext_at_rest(
         for path in root.rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes(), path
+
+
+async def test_replica_one_gib_round_trip_in_bounded_memory(devices, tmp_path):
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "one-gib.bin", 1 << 30, seed=9)
+    dst = tmp_path / "back.bin"
+    result = await trio.run_process(
+        [sys.executable, "-m", "tests.replica.worker", "roundtrip", str(a_home), str(b_home),
+         str(src), str(dst), str(128 << 20)],
+        capture_stdout=True, env={**os.environ, "LOFT_TEST_FAST_KDF": "1"})
+    peak_rss = int(result.stdout.decode().split()[-1])
+    assert sha256_of(dst) == sha256_of(src)
+    assert peak_rss < 400 * 1024 * 1024, f"peak RSS {peak_rss / 1e6:.0f} MB"
