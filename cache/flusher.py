@@ -467,6 +467,7 @@ class Flusher:
                 t.put_node(node)
                 touched.append((batch.space, p.node))
             t.del_meta("inflight")
+            t.set_meta_int("last_sync_ms", int(time.time() * 1000))
         self.replica.journal_done(done)
         for space, node_id in touched:
             self.replica.content.forget(space, node_id)

@@ -15,6 +15,7 @@ a snapshot, which is simpler than replaying what the conflict undid.
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
@@ -161,6 +162,7 @@ class Reconciler:
             for change in changes:
                 self._apply_one(t, space, change, nodes, entries, orphans)
             t.set_meta_int(f"cursor:{space}", cursor)
+            t.set_meta_int("last_sync_ms", int(time.time() * 1000))
         self.applied += len(changes)
         for node_id, _ in nodes:
             self.replica.content.forget(space, node_id)

@@ -47,6 +47,7 @@ from cache.keys import (
 )
 from cache.reconciler import Reconciler
 from cache.replica import Replica
+from cache.status import run_state_writer
 from cache.store import Store
 from loft.protocol import LoginRequest, LoginResponse, SignupRequest
 
@@ -231,6 +232,7 @@ class Session:
         cache_size: int = DEFAULT_CACHE,
         read_only: bool = False,
         backend: Backend | None = None,
+        mountpoint: Path | None = None,
     ) -> AsyncIterator[Session]:
         config, token, keyring = load(home)
         limit_heap_growth()
@@ -260,6 +262,11 @@ class Session:
                 if not read_only:
                     await nursery.start(flusher.run)
                 await nursery.start(reconciler.run)
+                await nursery.start(
+                    run_state_writer, home, replica,
+                    {"cache_cap": cache_size,
+                     "mountpoint": str(mountpoint) if mountpoint else None},
+                )
                 try:
                     yield session
                 finally:

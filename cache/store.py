@@ -84,11 +84,14 @@ class Store:
                 max_readers=256,
                 create=not readonly,
             )
-            with self.env.begin(write=not readonly) as txn:
-                self.dbs = {
-                    name: self.env.open_db(name.encode(), txn=txn, create=not readonly)
-                    for name in DBS
-                }
+            if readonly:
+                # handles opened inside a read transaction die with it: open them bare
+                self.dbs = {name: self.env.open_db(name.encode(), create=False)
+                            for name in DBS}
+            else:
+                with self.env.begin(write=True) as txn:
+                    self.dbs = {name: self.env.open_db(name.encode(), txn=txn)
+                                for name in DBS}
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
 

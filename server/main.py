@@ -62,5 +62,8 @@ async def _wait_for_signal(stop: trio.Event) -> None:
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
-        stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        stream=sys.stderr,
+        level=level,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
