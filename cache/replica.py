@@ -39,7 +39,16 @@ from cache.errors import (
     NotPermitted,
     ReadOnly,
 )
-from cache.records import SPECIALS, Flag, Kind, Node, Pending, encode_manifest
+from cache.records import (
+    PAGE_SIZE,
+    SPECIALS,
+    Flag,
+    Kind,
+    Node,
+    Pending,
+    decode_manifest,
+    encode_manifest,
+)
 from cache.store import Store, Txn
 from loft.protocol import ROOT_NODE, check_name
 
@@ -196,6 +205,17 @@ class Replica:
             return 1
         with self.store.read() as t:
             return len(t.entries_of(node.space, node.id))
+
+    def cached_bytes(self, node: Node) -> int:
+        """Bytes of the file readable without the server: its committed content held
+        in the local chunk cache, plus its dirty pages (an estimate, at most its size)."""
+        with self.store.read() as t:
+            manifest = decode_manifest(t.manifest_bytes(node.space, node.id))
+            held = sum(n for c, n in manifest if t.chunk_meta(node.space, c) is not None)
+            if node.flags & Flag.DIRTY:
+                held = min(held, node.floor)
+                held += len(t.page_numbers(node.space, node.id)) * PAGE_SIZE
+        return min(held, node.size)
 
     def path_of(self, space: str, node_id: str) -> str | None:
         """A path of the node (its first entry), or None if it has none."""

@@ -1,0 +1,164 @@
+"""The POSIX core without a kernel: a real session (real server), the core driven
+directly, as the pyfuse3 adapter would."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from cache.errors import Corrupt, NotFound, Offline
+from cache.session import Session
+from cache.store import StoreFull
+from fs.core import ROOT_INODE, Core, NameTooLong, NoAttribute
+from fs.errors import errno_of
+from tests.mount.conftest import Cluster
+
+# Closing a session while the reconciler's long-poll is sending its request body leaves
+# httpx's request-body generator unfinalized (backend/http.py over httpcore on trio);
+# the garbage collector then reports it. Not a mount problem; reported to the backend.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def home(cluster: Cluster):
+    (home,) = cluster.account()
+    return home
+
+
+def _accept(limit: int, seen: list):
+    def reply(name: bytes, attrs, next_id: int) -> bool:
+        if len(seen) >= limit:
+            return False
+        seen.append((name, attrs.ino, next_id))
+        return True
+
+    return reply
+
+
+async def test_core_inode_numbers_are_stable_and_forget_releases(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        attrs = core.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        assert attrs.ino > ROOT_INODE
+        assert core.lookup(ROOT_INODE, b"d").ino == attrs.ino
+        core.forget([(attrs.ino, 2)])
+        with pytest.raises(NotFound):
+            core.key_of(attrs.ino)
+        assert core.lookup(ROOT_INODE, b"d").ino == attrs.ino  # same number again
+        assert Core(session.replica).lookup(ROOT_INODE, b"d").ino == attrs.ino  # remount
+        core.forget([(ROOT_INODE, 1)])
+        assert core.getattr(ROOT_INODE).ino == ROOT_INODE
+
+
+async def test_core_keep_cache_only_while_content_unchanged(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        fh, attrs = core.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, 0, 0)
+        await core.write(fh, 0, b"abc")
+        core.release(fh)
+        fh, keep = await core.open(attrs.ino, os.O_RDONLY)
+        assert not keep  # written since it was opened
+        core.release(fh)
+        fh, keep = await core.open(attrs.ino, os.O_RDONLY)
+        assert keep
+        assert await core.read(fh, 0, 10) == b"abc"
+        core.release(fh)
+        await core.setattr(attrs.ino, size=1)
+        fh, keep = await core.open(attrs.ino, os.O_RDONLY)
+        assert not keep
+        core.release(fh)
+
+
+async def test_core_readdir_offsets_never_skip_or_repeat(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        for i in range(10):
+            core.forget([(core.mkdir(ROOT_INODE, f"e{i}".encode(), 0o755, 0, 0).ino, 1)])
+        fh = core.opendir(ROOT_INODE)
+        first: list = []
+        core.readdir(fh, 0, _accept(5, first))
+        assert [n for n, _, _ in first[:2]] == [b".", b".."]
+        first = first[2:]
+        core.rmdir(ROOT_INODE, b"e5")
+        core.mkdir(ROOT_INODE, b"e0a", 0o755, 0, 0)
+        rest: list = []
+        core.readdir(fh, first[-1][2], _accept(100, rest))
+        names = [n for n, _, _ in first + rest]
+        assert names == [f"e{i}".encode() for i in range(10)]
+        core.releasedir(fh)
+        # each accepted entry counted as a lookup: the kernel may forget each once
+        core.forget([(ino, 1) for _, ino, _ in first + rest])
+
+
+async def test_core_unlinked_file_lives_until_released_and_forgotten(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        r = session.replica
+        fh, attrs = core.create(ROOT_INODE, b"gone", 0o644, os.O_RDWR, 0, 0)
+        await core.write(fh, 0, b"bytes")
+        core.unlink(ROOT_INODE, b"gone")
+        assert core.getattr(attrs.ino).nlink == 0
+        assert await core.read(fh, 0, 100) == b"bytes"
+        core.release(fh)
+        assert core.getattr(attrs.ino).size == 5  # still known to the kernel
+        key = core.key_of(attrs.ino)
+        core.forget([(attrs.ino, 1)])
+        await session.sync()
+        with pytest.raises(NotFound):
+            r.node(*key)
+
+
+async def test_core_space_wide_invalidation_names_every_known_inode(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        d = core.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        _, f = core.create(d.ino, b"f", 0o644, os.O_RDONLY, 0, 0)
+        inodes, entries = core.kernel_targets(([(session.replica.home, "*")], []))
+        assert set(inodes) == {ROOT_INODE, d.ino, f.ino}
+        assert set(entries) == {(ROOT_INODE, b"d"), (d.ino, b"f")}
+        space, node = core.key_of(f.ino)
+        inodes, entries = core.kernel_targets(
+            ([(space, node)], [(space, core.key_of(d.ino)[1], "f")])
+        )
+        assert inodes == [f.ino] and entries == [(d.ino, b"f")]
+
+
+async def test_core_xattrs_and_names(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        with pytest.raises(NameTooLong):
+            core.mkdir(ROOT_INODE, b"n" * 256, 0o755, 0, 0)
+        d = core.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        with pytest.raises(NoAttribute):
+            core.getxattr(d.ino, b"user.none")
+        core.setxattr(d.ino, b"user.k", b"v")
+        assert core.getxattr(d.ino, b"user.k") == b"v"
+        assert core.getxattr(d.ino, b"user.loft.state") == b"pending"
+        await session.sync()
+        assert core.getxattr(d.ino, b"user.loft.state") == b"cached"
+
+
+def test_errors_table_maps_domain_errors():
+    assert errno_of(NotFound("x")) == errno.ENOENT
+    assert errno_of(NameTooLong("x")) == errno.ENAMETOOLONG
+    assert errno_of(Offline("x")) == errno.EIO
+    assert errno_of(Corrupt("x")) == errno.EIO
+    assert errno_of(StoreFull("x")) == errno.ENOSPC
+    assert errno_of(NoAttribute("x")) == errno.ENODATA
+    assert errno_of(ValueError("bug")) is None
+
+
+def test_errors_guard_turns_bugs_into_logged_eio(allow_error_logs, caplog):
+    import pyfuse3
+
+    from fs.errors import errnos
+
+    with pytest.raises(pyfuse3.FUSEError) as info, errnos("read"):
+        raise KeyError("a bug")
+    assert info.value.errno == errno.EIO
+    assert any("a bug" in r.exc_text or "read failed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(pyfuse3.FUSEError) as info, errnos("lookup"):
+        raise NotFound("x")
+    assert info.value.errno == errno.ENOENT

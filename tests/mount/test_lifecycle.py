@@ -1,0 +1,147 @@
+"""Starting, stopping, crashing and refusing mounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fs.mount import MountError, unmount
+from tests.mount.conftest import LOFT, Cluster, Mount, _env, _wait_gone, wait_for
+
+
+def _mount_cli(home: Path, mountpoint: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LOFT, "mount", str(mountpoint), *extra],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_mount_refuses_bad_mountpoints_and_logged_out_devices(cluster: Cluster, tmp_path):
+    (home,) = cluster.account()
+    missing = _mount_cli(home, tmp_path / "missing")
+    assert missing.returncode != 0
+    assert "does not exist" in missing.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "file").write_bytes(b"")
+    result = _mount_cli(home, full)
+    assert result.returncode != 0 and "not empty" in result.stderr
+    result = _mount_cli(tmp_path / "nobody", tmp_path)
+    assert result.returncode != 0 and "not logged in, run loft login" in result.stderr
+    m = cluster.mount(home)
+    again = tmp_path / "again"
+    again.mkdir()
+    result = _mount_cli(home, again)
+    assert result.returncode != 0 and "already mounted" in result.stderr
+    result = _mount_cli(home, m.path)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    with pytest.raises(MountError, match="not mounted"):
+        unmount(again)
+
+
+def test_mount_unmount_then_remount_keeps_everything(cluster: Cluster):
+    (home,) = cluster.account()
+    m = cluster.mount(home)
+    (m.path / "d").mkdir()
+    (m.path / "d" / "f").write_bytes(b"kept")
+    os.symlink("d/f", m.path / "s")
+    pid = m.pid
+    unmount(m.path)
+    assert not os.path.ismount(m.path)
+    assert pid is not None and _wait_gone(pid, 20)
+    m.pid = None
+    m.start()
+    assert (m.path / "d" / "f").read_bytes() == b"kept"
+    assert (m.path / "s").read_bytes() == b"kept"
+
+
+def test_mount_foreground_stops_on_sigterm_and_sigint(cluster: Cluster, tmp_path):
+    (home,) = cluster.account()
+    mountpoint = tmp_path / "fg"
+    mountpoint.mkdir()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(
+            [*LOFT, "mount", str(mountpoint), "--foreground"],
+            env=_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert wait_for(lambda: os.path.ismount(mountpoint), 20)
+            (mountpoint / f"f{signum}").write_bytes(b"x")
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert not os.path.ismount(mountpoint)
+            assert "mounted" in err and " ERROR " not in err and "Traceback" not in err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+def test_mount_read_only(cluster: Cluster):
+    (home,) = cluster.account()
+    m = cluster.mount(home)
+    (m.path / "f").write_bytes(b"data")
+    m.stop()
+    m.start("--read-only")
+    assert (m.path / "f").read_bytes() == b"data"
+    with pytest.raises(OSError) as info:
+        (m.path / "g").write_bytes(b"")
+    assert info.value.errno == errno.EROFS
+
+
+def test_mount_sigkill_during_copy_keeps_what_was_fsynced(cluster: Cluster, tmp_path):
+    (home,) = cluster.account()
+    m: Mount = cluster.mount(home)
+    synced = {}
+    for i in range(5):
+        data = os.urandom(300_000 + i)
+        with open(m.path / f"synced{i}", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        synced[f"synced{i}"] = data
+    (m.path / "dir").mkdir()
+    os.symlink("../synced0", m.path / "dir" / "link")
+
+    failures: list[BaseException] = []
+
+    def big_copy() -> None:
+        try:
+            with open(m.path / "big", "wb") as f:
+                block = os.urandom(1 << 20)
+                for _ in range(2000):
+                    f.write(block)
+        except OSError as exc:  # the mount dies under it
+            failures.append(exc)
+
+    writer = threading.Thread(target=big_copy)
+    writer.start()
+    time.sleep(1.0)
+    m.kill(unmount=False)  # the next mount clears the dead one
+    writer.join(30)
+    assert not writer.is_alive()
+    assert failures, "the copy should have failed when the mount died"
+    m.start()
+    for name, data in synced.items():
+        assert (m.path / name).read_bytes() == data
+    assert os.readlink(m.path / "dir" / "link") == "../synced0"
+    assert (m.path / "dir" / "link").read_bytes() == synced["synced0"]
+    # the mount still works after the crash
+    (m.path / "after").write_bytes(b"fine")
+    assert (m.path / "after").read_bytes() == b"fine"
