@@ -313,8 +313,13 @@ class HttpBackend:
         all_headers = dict(headers or {})
         if self._token is not None:
             all_headers["authorization"] = f"Bearer {self._token}"
-        content: bytes | _Pieces | None = body
-        size = len(body) if body is not None else 0
+        if body is not None:
+            # httpx streams a bytes body through an async generator, which is left
+            # unfinalized when the request is cancelled (a session closing under a
+            # long-poll); a plain iterator has nothing to finalize
+            stream = [body]
+        content: _Pieces | None = None
+        size = 0
         if stream is not None:
             size = sum(len(p) for p in stream)
             all_headers["content-length"] = str(size)

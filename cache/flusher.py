@@ -60,6 +60,7 @@ from loft.protocol import (
 log = logging.getLogger(__name__)
 
 MAX_OPS = 2000
+GATHER_SECONDS = 0.2
 MAX_CONTENT = 256 * 1024 * 1024
 #: Chunks travel in framed batches of about this size, three batches in flight.
 GROUP_BYTES = 16 * 1024 * 1024
@@ -161,6 +162,8 @@ class Flusher:
         delay = 0.5
         while True:
             await self.replica.wait_journal()
+            # let a burst gather: a create, its writes and its close then travel as one op
+            await trio.sleep(GATHER_SECONDS)
             try:
                 await self.flush_once()
                 delay = 0.5

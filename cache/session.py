@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -46,10 +47,11 @@ from cache.keys import (
     write_secret,
 )
 from cache.reconciler import Reconciler
+from cache.records import Kind, Node
 from cache.replica import Replica
 from cache.status import run_state_writer
 from cache.store import Store
-from loft.protocol import LoginRequest, LoginResponse, SignupRequest
+from loft.protocol import ROOT_NODE, LoginRequest, LoginResponse, SignupRequest
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,20 @@ def _save(home: Path, config: DeviceConfig, token: str, keyring: Keyring) -> Non
         store.close()
 
 
+def _seed_empty_home(home: Path, space: str) -> None:
+    """A new account's home is an empty root at seq 0: mirror it now, so the device
+    works offline from its first minute."""
+    store = Store(home / "store")
+    try:
+        with store.write() as t:
+            stamp = time.time_ns()
+            t.put_node(Node(space, ROOT_NODE, Kind.DIR, mode=0o755, mtime_ns=stamp,
+                            ctime_ns=stamp))
+            t.set_meta_int(f"cursor:{space}", 0)
+    finally:
+        store.close()
+
+
 def _config(server: str, resp: LoginResponse, device_name: str) -> DeviceConfig:
     return DeviceConfig(
         server=server,
@@ -179,6 +195,7 @@ async def signup(
         resp.token,
         Keyring(pair.private_bytes, new_device_key(), {resp.home_space: space_key}),
     )
+    _seed_empty_home(home, resp.home_space)
     return config
 
 
