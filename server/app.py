@@ -112,7 +112,8 @@ class App:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            response = await self._dispatch(scope, receive)
+            body = _Body(receive)
+            response = await self._dispatch(scope, body)
             await send(
                 {
                     "type": "http.response.start",
@@ -137,16 +138,16 @@ class App:
             return
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def _dispatch(self, scope: dict[str, Any], receive) -> Response:
+    async def _dispatch(self, scope: dict[str, Any], body: _Body) -> Response:
         ctx = self.ctx
         assert ctx is not None, "the app serves only while running()"
-        body = _Body(receive)
         try:
             return await self._handle(ctx, scope, body)
         except ApiError as err:
             response = error_response(err)
+            # Answered before the body was read: a client still sending it would see a
+            # reset instead of the answer, so read and drop the rest first (bounded).
             if not await body.drain():
-                # too much left unread to swallow: answer, then close the connection
                 response.headers.append((b"connection", b"close"))
             return response
         except StorageFull as exc:
@@ -198,6 +199,7 @@ class _Body:
 
     DRAIN_BYTES = 80 * 1024 * 1024
     DRAIN_SECONDS = 10.0
+    DRAIN_IDLE = 0.5
 
     def __init__(self, receive) -> None:
         self.receive = receive
@@ -229,11 +231,16 @@ class _Body:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def drain(self) -> bool:
-        """Reads and drops what is left of the body; False if it was too much."""
+        """Reads and drops what is left of the body; False if it was not all read: over
+        DRAIN_BYTES or DRAIN_SECONDS, or nothing arrived for DRAIN_IDLE (a client that
+        declared a body but waits for the answer before sending it)."""
         left = self.DRAIN_BYTES
         with trio.move_on_after(self.DRAIN_SECONDS):
             while not self.done and left > 0:
-                message = await self.receive()
+                with trio.move_on_after(self.DRAIN_IDLE) as idle:
+                    message = await self.receive()
+                if idle.cancelled_caught:
+                    break
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     self.done = True
                 left -= len(message.get("body", b""))
