@@ -289,16 +289,9 @@ def _workspace_path(path: str, mountpoint: str | None) -> str:
 
 
 def _resolve(t: Any, space: str, path: str) -> Any:
-    from cache.errors import NotFound
-    from loft.protocol import ROOT_NODE
+    from cache.pins import resolve
 
-    node = t.node(space, ROOT_NODE)
-    for part in [p for p in path.split("/") if p and p != "."]:
-        child = t.child(space, node.id, part)
-        node = t.node(space, child) if child else None
-        if node is None:
-            raise NotFound(f"no such file in the drive: {path}")
-    return node
+    return resolve(t, space, path)
 
 
 def _when(ts: float | None) -> str:
@@ -443,19 +436,6 @@ async def _wait_for_mount_sync(home: Path, seconds: float | None) -> bool:
 # ---------------------------------------------------------------------------- pins
 
 
-def _files_under(t: Any, node: Any) -> list[Any]:
-    from cache.records import Kind
-
-    if node.kind == Kind.FILE:
-        return [node]
-    out = []
-    for _, child_id in t.children(node.space, node.id):
-        child = t.node(node.space, child_id)
-        if child is not None:
-            out += _files_under(t, child)
-    return out
-
-
 @main.command()
 @click.argument("path")
 @_friendly
@@ -476,7 +456,7 @@ async def _pin(path: str, pinning: bool) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from backend.wrappers import stack
-    from cache.records import decode_manifest
+    from cache.pins import set_pinned
     from cache.session import load
     from cache.status import read_state
     from cache.store import Store
@@ -486,41 +466,20 @@ async def _pin(path: str, pinning: bool) -> None:
     rel = _workspace_path(path, (read_state(home) or {}).get("mountpoint"))
     store = Store(home / "store")
     backend = stack(config.server, token)
+    columns = (*Progress.get_default_columns()[:2], BarColumn(), DownloadColumn(),
+               TransferSpeedColumn())
     try:
-        with store.read() as t:
-            root = _resolve(t, config.home_space, rel)
-            files = _files_under(t, root)
-            chunks = {c: n for f in files for c, n in
-                      decode_manifest(t.manifest_bytes(f.space, f.id))}
-        space = config.home_space
-        if pinning:
-            with store.read() as t:
-                wanted = [c for c in chunks if t.chunk_meta(space, c) is None]
-            columns = (*Progress.get_default_columns()[:2], BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn())
-            with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
-                task = progress.add_task(f"pinning {rel or '/'}",
-                                         total=sum(chunks[c] for c in wanted))
-                for i in range(0, len(wanted), 16):
-                    blobs = await backend.get_chunks(space, wanted[i:i + 16])
-                    with store.write() as t:
-                        for chunk_id, blob in blobs.items():
-                            if blob is not None:
-                                t.put_chunk(space, chunk_id, blob)
-                    progress.advance(task, sum(chunks[c] for c in blobs))
-        with store.write() as t:
-            for f in files:
-                if t.pinned(f.space, f.id) != pinning:
-                    t.set_pinned(f.space, f.id, pinning)
-                    for chunk_id in {c for c, _ in decode_manifest(
-                            t.manifest_bytes(f.space, f.id))}:
-                        t.pin_chunk(f.space, chunk_id, 1 if pinning else -1)
+        with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task(f"pinning /{rel}", total=None)
+            files, size = await set_pinned(
+                store, backend, config.home_space, rel, pinning,
+                on_total=lambda n: progress.update(task, total=n),
+                on_progress=lambda n: progress.advance(task, n))
     finally:
         await backend.aclose()
         store.close()
-    total = sum(chunks.values())
     verb = "pinned" if pinning else "unpinned"
-    click.echo(f"{verb} {len(files)} files ({human(total)}) under /{rel}")
+    click.echo(f"{verb} {files} files ({human(size)}) under /{rel}")
 
 
 # ---------------------------------------------------------------------------- versions
