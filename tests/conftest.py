@@ -7,6 +7,8 @@ import logging
 
 import pytest
 
+from tests.serverproc import ServerProcess
+
 
 class _ErrorCollector(logging.Handler):
     def __init__(self) -> None:
@@ -34,3 +36,17 @@ def _fail_on_error_logs(request: pytest.FixtureRequest):
     if collector.records and "allow_error_logs" not in request.fixturenames:
         lines = "\n".join(f"{r.name}: {r.getMessage()}" for r in collector.records)
         pytest.fail(f"unexpected error-level log lines:\n{lines}")
+
+
+@pytest.fixture
+def server(tmp_path, request):
+    """A running `loft serve` on a free 127.0.0.1 port, stopped after the test; its log
+    must stay free of errors unless the test asks for `allow_error_logs`."""
+    proc = ServerProcess(tmp_path / "server").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+    problems = proc.log_problems()
+    if problems and "allow_error_logs" not in request.fixturenames:
+        pytest.fail("server logged errors:\n" + "\n".join(problems))

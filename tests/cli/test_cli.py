@@ -13,23 +13,12 @@ import trio
 
 from cache.session import Session
 from loft.protocol import ROOT_NODE as ROOT
-from tests.serverproc import ServerProcess
 
 STATUS_KEYS = {"user": str, "server": str, "device": str, "running": bool,
                "mountpoint": (str, type(None)), "online": (bool, type(None)),
                "since": (float, type(None)), "reason": str,
                "last_sync": (float, type(None)), "pending": dict, "conflicts": int,
                "cache_used": int, "cache_cap": (int, type(None)), "pinned_bytes": int}
-
-
-@pytest.fixture
-def server(tmp_path, request):
-    proc = ServerProcess(tmp_path / "server").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-    assert not proc.log_problems()
 
 
 class Loft:

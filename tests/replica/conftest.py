@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
-from cache.session import Session, login, signup
-from tests.serverproc import ServerProcess
+from cache.session import login, signup
 
 
 @pytest.fixture(autouse=True)
 def _fast_kdf(monkeypatch):
     monkeypatch.setenv("LOFT_TEST_FAST_KDF", "1")
-
-
-@pytest.fixture
-def server(tmp_path, request):
-    proc = ServerProcess(tmp_path / "server").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-    problems = proc.log_problems()
-    if problems and "allow_error_logs" not in request.fixturenames:
-        pytest.fail("server logged errors:\n" + "\n".join(problems))
 
 
 class Devices:
@@ -51,10 +36,3 @@ class Devices:
 @pytest.fixture
 async def devices(server, tmp_path) -> Devices:
     return Devices(tmp_path, server.url)
-
-
-def open_session(home: Path, **kw) -> AbstractAsyncContextManager[Session]:
-    return Session.open(home, **kw)
-
-
-OpenSession = Callable[..., AsyncIterator[Session]]
