@@ -508,51 +508,35 @@ class _Applier:
         if op.exchange:
             if target is None:
                 raise OpRefused(OpCode.NO_SUCH_ENTRY, f"nothing to exchange with {op.new_name!r}")
-            other = self._live_node(target)
-            if other.kind == "dir":
+            if self._live_node(target).kind == "dir":
                 self._refuse_cycle(target, op.parent)
             self._remove_entry(op.parent, op.name, seq)
             self._remove_entry(op.new_parent, op.new_name, seq)
             self._add_entry(op.parent, op.name, target, seq)
-            self._add_entry(op.new_parent, op.new_name, op.node, seq)
-            self._record(
-                seq,
-                "move",
-                op.node,
-                parent=op.parent,
-                name=op.name,
-                new_parent=op.new_parent,
-                new_name=op.new_name,
-                replaced=target,
-                exchange=True,
-            )
-            return
-        if target is not None:
-            if op.replace != target:
-                raise OpRefused(OpCode.NAME_TAKEN, f"{op.new_name!r} exists in {op.new_parent}")
-            victim = self._live_node(target)
-            if node.kind == "dir" and victim.kind != "dir":
-                raise OpRefused(OpCode.NOT_A_DIRECTORY, f"{op.new_name!r} is not a directory")
-            if node.kind != "dir" and victim.kind == "dir":
-                raise OpRefused(OpCode.IS_A_DIRECTORY, f"{op.new_name!r} is a directory")
-            if victim.kind == "dir" and self._has_children(target):
-                raise OpRefused(OpCode.NOT_EMPTY, f"{op.new_name!r} is not empty")
-            self._remove_entry(op.new_parent, op.new_name, seq)
-            self._drop_if_orphan(victim)
-        elif op.replace is not None:
-            raise OpRefused(OpCode.NO_SUCH_ENTRY, f"{op.new_name!r} to replace is gone")
-        self._remove_entry(op.parent, op.name, seq)
+        else:
+            if target is not None:
+                self._replace(op, node, target, seq)
+            elif op.replace is not None:
+                raise OpRefused(OpCode.NO_SUCH_ENTRY, f"{op.new_name!r} to replace is gone")
+            self._remove_entry(op.parent, op.name, seq)
         self._add_entry(op.new_parent, op.new_name, op.node, seq)
-        self._record(
-            seq,
-            "move",
-            op.node,
-            parent=op.parent,
-            name=op.name,
-            new_parent=op.new_parent,
-            new_name=op.new_name,
-            replaced=target,
-        )
+        self._record(seq, "move", op.node, parent=op.parent, name=op.name,
+                     new_parent=op.new_parent, new_name=op.new_name, replaced=target,
+                     exchange=op.exchange)
+
+    def _replace(self, op: MoveOp, node: NodeRow, target: str, seq: int) -> None:
+        """Removes the entry a rename-over replaces (POSIX rules on kinds)."""
+        if op.replace != target:
+            raise OpRefused(OpCode.NAME_TAKEN, f"{op.new_name!r} exists in {op.new_parent}")
+        victim = self._live_node(target)
+        if node.kind == "dir" and victim.kind != "dir":
+            raise OpRefused(OpCode.NOT_A_DIRECTORY, f"{op.new_name!r} is not a directory")
+        if node.kind != "dir" and victim.kind == "dir":
+            raise OpRefused(OpCode.IS_A_DIRECTORY, f"{op.new_name!r} is a directory")
+        if victim.kind == "dir" and self._has_children(target):
+            raise OpRefused(OpCode.NOT_EMPTY, f"{op.new_name!r} is not empty")
+        self._remove_entry(op.new_parent, op.new_name, seq)
+        self._drop_if_orphan(victim)
 
     def _refuse_cycle(self, moving: str, new_parent: str) -> None:
         """Refuses to move directory `moving` into itself or a folder below it."""
