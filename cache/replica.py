@@ -514,34 +514,16 @@ class Replica:
         gid: int | None = None,
         mtime_ns: int | None = None,
     ) -> Node:
-        self._writable()
-        with self.store.write() as t:
-            node = t.node(space, node_id)
-            if node is None:
-                raise NotFound(node_id)
-            changes: dict = {"ctime_ns": now_ns()}
-            if mode is not None:
-                changes["mode"] = mode & 0o7777
-            if uid is not None:
-                changes["uid"] = uid
-            if gid is not None:
-                changes["gid"] = gid
-            if mtime_ns is not None:
-                changes["mtime_ns"] = mtime_ns
-            node = node.but(**changes)
-            t.put_node(node)
-            if not self.state.pending[(space, node_id)]["setattr"]:
-                self.journal(t, Pending("setattr", space, node_id))
-        return node
+        given = {"mode": None if mode is None else mode & 0o7777, "uid": uid, "gid": gid,
+                 "mtime_ns": mtime_ns}
+        return self._change_attrs(space, node_id,
+                                  lambda node: {k: v for k, v in given.items() if v is not None})
 
     def set_xattr(self, space: str, node_id: str, name: str, value: bytes | None) -> Node:
         """Sets (or with None removes) an extended attribute. Raises NotFound when
         removing one that is not there."""
-        self._writable()
-        with self.store.write() as t:
-            node = t.node(space, node_id)
-            if node is None:
-                raise NotFound(node_id)
+
+        def change(node: Node) -> dict:
             xattrs = dict(node.xattrs)
             if value is None:
                 if name not in xattrs:
@@ -549,7 +531,20 @@ class Replica:
                 del xattrs[name]
             else:
                 xattrs[name] = value
-            node = node.but(xattrs=xattrs, ctime_ns=now_ns())
+            return {"xattrs": xattrs}
+
+        return self._change_attrs(space, node_id, change)
+
+    def _change_attrs(self, space: str, node_id: str, change: Callable[[Node], dict]) -> Node:
+        """Applies `change(node)` (attribute values) and journals one setattr for it;
+        setattrs queued for one node collapse, since each sends the node's attributes as
+        they are when it is committed."""
+        self._writable()
+        with self.store.write() as t:
+            node = t.node(space, node_id)
+            if node is None:
+                raise NotFound(node_id)
+            node = node.but(ctime_ns=now_ns(), **change(node))
             t.put_node(node)
             if not self.state.pending[(space, node_id)]["setattr"]:
                 self.journal(t, Pending("setattr", space, node_id))
