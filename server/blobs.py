@@ -1,14 +1,17 @@
 """The blob store: sealed chunks by (space, id). The server cannot open them.
 
 `DirectoryBlobStore` keeps one file per blob under `root/<space>/<id[:2]>/<id>`. A put
-writes a temporary file, fsyncs it, renames it into place and fsyncs the folder, so a
-blob is either wholly there or absent after a crash. OSError is translated to
+writes a temporary file, makes it durable, renames it into place and makes the rename
+durable (per-file fdatasync and folder fsync, or one syncfs for a large batch), so a
+blob is either wholly there or absent after a crash, and durable before it is
+acknowledged. OSError is translated to
 BlobStoreError here (ENOSPC → StorageFull) and nowhere else. All methods block: call
 them from a worker thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import uuid
@@ -31,6 +34,18 @@ def _translate(exc: OSError, what: str) -> BlobStoreError:
     return BlobStoreError(f"blob store: {what}: {exc}")
 
 
+#: Batches with more blobs than this are made durable by one syncfs(2) of the blob
+#: filesystem instead of one fdatasync per blob (1,000 small blobs: ~0.9 s otherwise).
+SYNCFS_FROM = 16
+
+
+def _libc_syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None  # not Linux: per-file syncs only
+
+
 def _quietly(fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
@@ -43,6 +58,16 @@ class DirectoryBlobStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._syncfs = _libc_syncfs()
+
+    def _sync_filesystem(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if self._syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
 
     def _path(self, space: str, chunk_id: str) -> Path:
         return self.root / space / chunk_id[:2] / chunk_id
@@ -69,19 +94,26 @@ class DirectoryBlobStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-            for fd, _, _ in staged:
-                os.fdatasync(fd)
+            many = len(staged) > SYNCFS_FROM and self._syncfs is not None
+            if many:
+                self._sync_filesystem()  # one flush for all of them
+            else:
+                for fd, _, _ in staged:
+                    os.fdatasync(fd)
             folders = {path.parent for _, _, path in staged}
             while staged:
                 fd, tmp, path = staged.pop()
                 os.close(fd)
                 os.rename(tmp, path)
-            for folder in folders:
-                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            if many:
+                self._sync_filesystem()  # and one for the renames
+            else:
+                for folder in folders:
+                    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
         except OSError as exc:
             for fd, tmp, _ in staged:
                 _quietly(os.close, fd)
