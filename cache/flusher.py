@@ -210,6 +210,8 @@ class Flusher:
                 return None
             space = window[0][1].space
             nodes = {p.node: t.node(p.space, p.node) for _, p in window if p.space == space}
+            # a file unlinked here (kept only for open handles): its content is nobody's
+            nameless = {n for n in nodes if not t.entries_of(space, n)}
         batch = Batch(space)
         versioned: set[str] = set()
         consumed: set[int] = set()
@@ -232,12 +234,14 @@ class Flusher:
                 if follow is not None:
                     entries.append(follow)
                     consumed.add(follow[0])
-            item = await self._item(space, p, node, entries)
+            item = None if p.op == "content" and p.node in nameless else await self._item(
+                space, p, node, entries)
             if item is None:
-                # the node is gone locally and the op means nothing any more
+                # the node is gone locally (or nameless) and the op means nothing any more
                 with self.store.write() as t:
                     t.journal_delete([seq])
                 self.replica.journal_done([p])
+                self.replica.collect_orphan(space, p.node)
                 continue
             batch.items.append(item)
             if p.op in VERSIONED:
@@ -512,7 +516,8 @@ class Flusher:
                         dropped += self._drop(t, item)
                 elif op == "update":
                     node = t.node(space, p.node)
-                    if node is not None and code in (OpCode.STALE_BASE, OpCode.NO_SUCH_NODE):
+                    named = node is not None and t.entries_of(space, p.node)
+                    if named and code in (OpCode.STALE_BASE, OpCode.NO_SUCH_NODE):
                         keep_name = code == OpCode.NO_SUCH_NODE
                         self._conflicted_copy(t, space, node, item, keep_name)
                     dropped += self._drop(t, item)

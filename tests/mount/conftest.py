@@ -191,3 +191,22 @@ def wait_for(check: Callable[[], bool], timeout: float = 2.0, step: float = 0.02
         if time.monotonic() > deadline:
             return False
         time.sleep(step)
+
+
+@pytest.fixture
+def own_cluster(tmp_path) -> Iterator[Cluster]:
+    """A cluster with a server of its own, for tests that stop and restart the server
+    (`cluster.server.stop()` / `.start()`: a restart binds the same port again)."""
+    os.environ["LOFT_TEST_FAST_KDF"] = "1"
+    proc = ServerProcess(tmp_path / "own-server" / "data").start()
+    c = Cluster(tmp_path, proc)
+    try:
+        yield c
+    finally:
+        try:
+            problems = c.close()
+        finally:
+            proc.stop()
+    problems += proc.log_problems()
+    if problems and not c.allow_problems:
+        pytest.fail("mount or server logged errors:\n" + "\n".join(problems))
