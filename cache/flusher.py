@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 MAX_OPS = 2000
 GATHER_SECONDS = 0.2
+#: Files up to this size are sealed whole and their chunks sent with the batch's others.
+SMALL_FILE = 4 * 1024 * 1024
 MAX_CONTENT = 256 * 1024 * 1024
 #: Chunks travel in framed batches of about this size, three batches in flight.
 GROUP_BYTES = 16 * 1024 * 1024
@@ -214,14 +216,22 @@ class Flusher:
             nameless = {n for n in nodes if not t.entries_of(space, n)}
         batch = Batch(space)
         versioned: set[str] = set()
+        #: per node, the op of this batch that sends its attributes as they are now
+        carriers: dict[str, Item] = {}
         consumed: set[int] = set()
         content_bytes = 0
+        small_uploads: list[tuple[str, bytes]] = []
         for index, (seq, p) in enumerate(window):
             if p.space != space:
                 break
             if seq in consumed:
                 continue
             node = nodes.get(p.node)
+            if p.op == "setattr" and p.node in carriers:
+                # attributes are read from the node when the batch is built, so the op
+                # already carrying them covers this one (tar: create, write, chmod, utime)
+                carriers[p.node].entries.append((seq, p))
+                continue
             if p.op in NEEDS_BASE and p.node in versioned:
                 break
             if p.op in ("create", "content") and node is not None and node.flags & Flag.DIRTY:
@@ -235,7 +245,7 @@ class Flusher:
                     entries.append(follow)
                     consumed.add(follow[0])
             item = None if p.op == "content" and p.node in nameless else await self._item(
-                space, p, node, entries)
+                space, p, node, entries, small_uploads)
             if item is None:
                 # the node is gone locally (or nameless) and the op means nothing any more
                 with self.store.write() as t:
@@ -246,6 +256,8 @@ class Flusher:
             batch.items.append(item)
             if p.op in VERSIONED:
                 versioned.add(p.node)
+                carriers[p.node] = item
+        await self._send_small(space, small_uploads)
         return batch if batch.items else None
 
     @staticmethod
@@ -259,7 +271,12 @@ class Flusher:
         return None
 
     async def _item(
-        self, space: str, p: Pending, node: Node | None, entries: list[tuple[int, Pending]]
+        self,
+        space: str,
+        p: Pending,
+        node: Node | None,
+        entries: list[tuple[int, Pending]],
+        small_uploads: list[tuple[str, bytes]],
     ) -> Item | None:
         base = node.version if node else 0
         if p.op in ("mkdir", "create", "symlink", "special"):
@@ -274,7 +291,7 @@ class Flusher:
             }
             item = Item(op, entries)
             if p.op == "create":
-                await self._content(item, node)
+                await self._content(item, node, small_uploads)
                 op["content"] = {"size": sum(n for _, n in item.manifest), "chunks": item.manifest}
             elif p.op == "symlink":
                 op["target"] = node.target
@@ -294,7 +311,7 @@ class Flusher:
                 },
                 entries,
             )
-            await self._content(item, node)
+            await self._content(item, node, small_uploads)
             item.op["content"] = {"size": sum(n for _, n in item.manifest), "chunks": item.manifest}
             return item
         if p.op == "setattr":
@@ -338,9 +355,11 @@ class Flusher:
 
     # ------------------------------------------------------------------ content
 
-    async def _content(self, item: Item, node: Node) -> None:
-        """Uploads what the server lacks of the node's current content and records the
-        manifest and the gen it was read at on the item."""
+    async def _content(self, item: Item, node: Node, small_uploads: list[tuple[str, bytes]]
+                       ) -> None:
+        """Uploads what the server lacks of the node's current content (a small file's
+        chunks are queued on `small_uploads`, sent with the batch's others) and records
+        the manifest and the gen it was read at on the item."""
         item.gen = node.gen
         layout = self.replica.content.layout(node)
         if not node.flags & Flag.DIRTY:
@@ -353,7 +372,11 @@ class Flusher:
         extra: dict[str, bytes] = {}
         while True:
             try:
-                manifest = await self._upload(node, layout, ranges, codec, extra)
+                if node.size <= SMALL_FILE:
+                    manifest = await self._collect(node, layout, ranges, codec, extra,
+                                                   small_uploads)
+                else:
+                    manifest = await self._upload(node, layout, ranges, codec, extra)
                 break
             except NeedChunk as need:
                 extra[need.chunk_id] = await self.replica.chunks.get(node.space, need.chunk_id)
@@ -384,6 +407,41 @@ class Flusher:
 
         await gather(produce, lambda: self.upload_stream(node.space, recv, keep_local))
         return result[0]
+
+    async def _collect(self, node: Node, layout: Layout, ranges, codec: ChunkCodec,
+                       extra: dict[str, bytes], out: list[tuple[str, bytes]]):
+        """Re-chunks and seals a small file in a worker thread; its new chunks go on
+        `out` (and stay off it if the thread fails halfway)."""
+        reader = SyncReader(self.store, self.replica.sealer, node, layout, codec.open, extra)
+        sealed: list[tuple[str, bytes]] = []
+
+        def emit(piece: bytes) -> str:
+            chunk_id, blob = codec.seal(piece)
+            sealed.append((chunk_id, blob))
+            return chunk_id
+
+        manifest = await trio.to_thread.run_sync(
+            rechunk, reader, layout, self.chunker, node.size, ranges, emit)
+        out.extend(sealed)
+        return manifest
+
+    async def _send_small(self, space: str, items: list[tuple[str, bytes]]) -> None:
+        """Sends small files' chunks in framed groups, three at a time."""
+        groups: list[list[tuple[str, bytes]]] = [[]]
+        size = 0
+        for chunk_id, blob in items:
+            if len(groups[-1]) >= 256 or size >= GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append((chunk_id, blob))
+            size += len(blob)
+        limiter = trio.CapacityLimiter(3)
+
+        async def send(group: list[tuple[str, bytes]]) -> None:
+            async with limiter:
+                await self._send_group(space, group, True)
+
+        await gather(*[lambda g=g: send(g) for g in groups if g])
 
     async def upload_file(self, space: str, path) -> list[tuple[str, int]]:
         """Chunks, seals and uploads a local file as it is read; returns its manifest.
