@@ -1328,7 +1328,21 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def charts(rows: Sequence[Row], folder: Path, title: str) -> list[Path]:
+def write_markdown(path: Path, mode: str, rows: Sequence[Row], caption: str) -> None:
+    """Puts the table between this mode's markers in `path`, leaving the rest of the
+    document alone; appends the marked block if the markers are not there yet."""
+    start, end = f"<!-- bench_mount {mode}: start -->", f"<!-- bench_mount {mode}: end -->"
+    block = f"{start}\n{caption}\n\n{markdown(rows)}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else block + "\n"
+    path.write_text(text)
+
+
+def charts(rows: Sequence[Row], folder: Path, title: str, mode: str) -> list[Path]:
     """PNG charts: the rclone ÷ Loft ratios against their targets; MB/s per side."""
     import matplotlib
 
@@ -1351,7 +1365,8 @@ def charts(rows: Sequence[Row], folder: Path, title: str) -> list[Path]:
     ax.set_xlabel("rclone ÷ Loft, time or bytes (> 1: Loft is better); black bars: targets")
     ax.set_title(f"{title}: green PASS, red MISS, grey no target", fontsize=10)
     fig.tight_layout()
-    made.append(folder / "bench-mount-ratios.png")
+    suffix = "" if mode == "default" else f"-{mode}"
+    made.append(folder / f"bench-mount-ratios{suffix}.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
@@ -1368,7 +1383,7 @@ def charts(rows: Sequence[Row], folder: Path, title: str) -> list[Path]:
         ax.set_title(f"{title}: big-file throughput", fontsize=10)
         ax.legend()
         fig.tight_layout()
-        made.append(folder / "bench-mount-throughput.png")
+        made.append(folder / f"bench-mount-throughput{suffix}.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     return made
@@ -1525,16 +1540,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{failure}", *problems[:20], sep="\n  ", file=sys.stderr, flush=True)
         return 130 if failure == "interrupted" else 1
 
-    title = "Loft vs rclone mount" + (" (quick)" if args.quick else "")
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    if args.only:
+        mode += "-" + "-".join(sorted(chosen))
+    title = f"Loft vs rclone mount ({mode})"
+    elapsed = time.perf_counter() - started
     print(f"\n{table(bench.rows)}")
-    print(f"\n({time.perf_counter() - started:.0f} s; {machine()})", flush=True)
+    print(f"\n({elapsed:.0f} s; {machine()})", flush=True)
     if args.markdown:
-        args.markdown.write_text(markdown(bench.rows) + "\n")
+        flags = ["--quick"] * args.quick + ["--full"] * args.full
+        flags += [f"--only {','.join(args.only)}"] if args.only else []
+        caption = (
+            f"`{' '.join(['scripts/bench_mount.py', *flags])}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s; {machine()}"
+        )
+        write_markdown(args.markdown, mode, bench.rows, caption)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in bench.rows], indent=1, default=str))
     if args.charts:
         try:
-            for path in charts(bench.rows, args.charts, title):
+            for path in charts(bench.rows, args.charts, title, mode):
                 print(f"chart: {path}")
         except ImportError:
             print("charts need matplotlib: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
