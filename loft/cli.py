@@ -164,41 +164,48 @@ def _refuse_if_logged_in(home: Path) -> None:
             "run `loft logout` first, or set LOFT_HOME to another folder")
 
 
-@main.command()
-@click.argument("server_url")
-@click.argument("user")
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the password from the first line of this file.")
-@click.option("--device", "device_name", help="A name for this device (default: hostname).")
-@_friendly
-def signup(server_url: str, user: str, password_file: Path | None,
-           device_name: str | None) -> None:
-    """Create an account on SERVER_URL and log this device in."""
+def _account_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SERVER_URL USER [--password-file F] [--device NAME], as signup and login take."""
+    for decorator in reversed([
+        main.command(),
+        click.argument("server_url"),
+        click.argument("user"),
+        click.option("--password-file",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Read the password from the first line of this file."),
+        click.option("--device", "device_name",
+                     help="A name for this device (default: hostname)."),
+        _friendly,
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _enter(server_url: str, user: str, password_file: Path | None, device_name: str | None,
+           *, new_account: bool) -> Any:
+    from cache.session import login as do_login
     from cache.session import signup as do_signup
 
     home = _home()
     _refuse_if_logged_in(home)
-    password = _password(password_file, confirm=True)
-    config = _run(do_signup, home, server_url, user, password, device_name or _device_name())
+    password = _password(password_file, confirm=new_account)
+    action = do_signup if new_account else do_login
+    return _run(action, home, server_url, user, password, device_name or _device_name())
+
+
+@_account_command
+def signup(server_url: str, user: str, password_file: Path | None,
+           device_name: str | None) -> None:
+    """Create an account on SERVER_URL and log this device in."""
+    config = _enter(server_url, user, password_file, device_name, new_account=True)
     click.echo(f"signed up as {config.user}; this device is {config.device_name!r}")
 
 
-@main.command()
-@click.argument("server_url")
-@click.argument("user")
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the password from the first line of this file.")
-@click.option("--device", "device_name", help="A name for this device (default: hostname).")
-@_friendly
+@_account_command
 def login(server_url: str, user: str, password_file: Path | None,
           device_name: str | None) -> None:
     """Log this device in to an existing account (the password is all it needs)."""
-    from cache.session import login as do_login
-
-    home = _home()
-    _refuse_if_logged_in(home)
-    password = _password(password_file, confirm=False)
-    config = _run(do_login, home, server_url, user, password, device_name or _device_name())
+    config = _enter(server_url, user, password_file, device_name, new_account=False)
     click.echo(f"logged in as {config.user}; this device is {config.device_name!r}")
 
 
