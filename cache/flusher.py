@@ -265,8 +265,8 @@ class Flusher:
         rest: list[tuple[int, Pending]], create: Pending
     ) -> tuple[int, Pending] | None:
         for seq, p in rest:
-            if p.node != create.node or p.space != create.space:
-                continue
+            if p.node != create.node or p.space != create.space or p.op == "setattr":
+                continue  # a setattr joins the create anyway (see _build)
             return (seq, p) if p.op == "content" else None
         return None
 
@@ -505,6 +505,7 @@ class Flusher:
 
     def _apply(self, batch: Batch, response: CommitResponse) -> None:
         done: list[Pending] = []
+        rewritten: list[tuple[str, str]] = []
         touched: list[tuple[str, str]] = []
         with self.store.write() as t:
             for item, seq in zip(batch.items, response.seqs, strict=True):
@@ -527,13 +528,21 @@ class Flusher:
                     if node.gen == item.gen:
                         t.del_pages(batch.space, p.node)
                         node = node.but(flags=node.flags & ~Flag.DIRTY, floor=NO_FLOOR)
-                    elif not self.replica.state.pending[(batch.space, p.node)]["content"]:
-                        self.replica.state.unjournaled[(batch.space, p.node)] = 0.0
+                    else:
+                        rewritten.append((batch.space, p.node))
                 t.put_node(node)
                 touched.append((batch.space, p.node))
             t.del_meta("inflight")
             t.set_meta_int("last_sync_ms", int(time.time() * 1000))
+            # these changes are applied here already: the feed must not replay them (a
+            # replayed move would put an entry back at a name freed since)
+            t.mark_applied(batch.space, [s for s in response.seqs if s is not None])
         self.replica.journal_done(done)
+        for space, node_id in rewritten:
+            # written again while uploading: journal the newer content (after journal_done,
+            # which forgets the content entry just committed)
+            if not self.replica.state.pending[(space, node_id)]["content"]:
+                self.replica.state.unjournaled[(space, node_id)] = 0.0
         for space, node_id in touched:
             self.replica.content.forget(space, node_id)
         for item in batch.items:

@@ -173,6 +173,8 @@ class Reconciler:
     def _apply_one(
         self, t: Txn, space: str, c: Change, nodes: list, entries: list, orphans: list
     ) -> None:
+        if t.take_applied(space, c.seq):
+            return  # this device's own commit, applied when it was committed
         ctime = int(c.time * 1e9)
         if c.state is not None:
             self._apply_state(t, space, c, ctime, nodes)

@@ -17,6 +17,8 @@ id, integers big-endian):
     chunkmeta  S C -> ChunkMeta      access time, size, pin count of each cached chunk
     lru        u64 atime S C -> ''   cached chunks in access order, for eviction
     pins       S N -> ''             nodes pinned for offline use
+    applied    S u64 -> ''           seqs of this device's commits, already applied here by
+                                     the flusher: the reconciler skips them in the feed
 
 Every mutation is one write transaction, so a crash leaves the old or the new state.
 Transactions are short and synchronous; never hold one across an `await`. This module
@@ -59,6 +61,7 @@ DBS = (
     "chunkmeta",
     "lru",
     "pins",
+    "applied",
 )
 
 
@@ -249,7 +252,7 @@ class Txn:
     def clear_space_tree(self, space: str) -> None:
         """Drops the mirror of a space (nodes, manifests, entries); keeps chunks."""
         prefix = raw(space)
-        for name in ("nodes", "manifests", "children", "links"):
+        for name in ("nodes", "manifests", "children", "links", "applied"):
             with self.txn.cursor(db=self.db[name]) as cur:
                 if not cur.set_range(prefix):
                     continue
@@ -409,6 +412,16 @@ class Txn:
         for chunk_key in victims:
             self.delete_chunk(unraw(chunk_key[:16]), chunk_key[16:].hex())
         return freed
+
+    # ------------------------------------------------------------------ own commits
+
+    def mark_applied(self, space: str, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.txn.put(raw(space) + u64(seq), b"", db=self.db["applied"])
+
+    def take_applied(self, space: str, seq: int) -> bool:
+        """Whether `seq` is one of this device's own applied commits (forgetting it)."""
+        return self.txn.pop(raw(space) + u64(seq), db=self.db["applied"]) is not None
 
     # ------------------------------------------------------------------ pins
 

@@ -4,8 +4,11 @@ mount reads the new bytes; the numbers are printed (pytest -s) as well as assert
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,7 +19,10 @@ MAX_LATENCY = 2.0
 MEDIAN_LATENCY = 1.0
 #: after the server comes back, how soon both offline edits must show on both mounts
 RECONNECT_WITHIN = 10.0
+#: a small tree (tar -x of ~30 files) on the other device
+TREE_WITHIN = 3.0
 POLL = 0.01
+SOURCE_TREE = Path(json.__file__).parent.parent / "email"
 
 
 def _read(path: Path) -> bytes:
@@ -129,3 +135,54 @@ def test_latency_offline_edits_on_both_devices_become_one_conflicted_copy(
     # it stays that way (no second copy turns up later)
     time.sleep(2.0)
     assert resolved(a) and resolved(b), listing
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    return subprocess.run(["diff", "-r", str(a), str(b)], capture_output=True).returncode == 0
+
+
+def test_latency_tar_extract_reaches_the_other_device(cluster: Cluster, tmp_path: Path):
+    """tar sets each file's mode and mtime before it closes it (cp -p and rsync do too):
+    such files must travel together like any others, not one commit per file."""
+    home_a, home_b = cluster.account(devices=2)
+    a = cluster.mount(home_a).path
+    b = cluster.mount(home_b).path
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(SOURCE_TREE, arcname="email",
+                filter=lambda info: None if "__pycache__" in info.name else info)
+    local = tmp_path / "local"
+    local.mkdir()
+    subprocess.run(["tar", "-xf", archive, "-C", local], check=True)
+    subprocess.run(["tar", "-xf", archive, "-C", a], check=True)
+    extracted = time.monotonic()
+    ok = wait_for(lambda: _same_tree(local / "email", b / "email"), 30.0, step=0.05)
+    took = time.monotonic() - extracted
+    files = sum(1 for p in (local / "email").rglob("*") if p.is_file())
+    print(f"tar -x of {files} files on A: identical on B after {took:.2f} s")
+    assert ok, "the extracted tree never reached the other device"
+    assert took < TREE_WITHIN, f"{files} files took {took:.1f} s to reach the other device"
+
+
+def test_latency_second_save_while_the_first_uploads_reaches_the_other_device(
+    cluster: Cluster,
+):
+    """A save that lands while the previous save of the same file is being uploaded
+    must be uploaded too (the delay sweeps across the first upload)."""
+    home_a, home_b = cluster.account(devices=2)
+    a = cluster.mount(home_a).path
+    b = cluster.mount(home_b).path
+    for i, delay in enumerate([0.05, 0.1, 0.2, 0.3, 0.45, 0.6]):
+        first = os.urandom(16 * 1024 * 1024)
+        (a / f"video{i}").write_bytes(first)
+        time.sleep(delay)
+        with open(a / f"video{i}", "r+b") as f:
+            f.write(b"second save")
+        final = b"second save" + first[11:]
+        closed = time.monotonic()
+        latency = _visible_after(b / f"video{i}", final, closed, 10.0)
+        print(f"second save {delay:.2f} s after the first: on B after {latency:.2f} s")
+        assert latency < 5.0, (
+            f"the second save ({delay} s after the first) never reached the other device; "
+            f"it has the first: {_read(b / f'video{i}') == first}"
+        )

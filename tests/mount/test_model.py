@@ -509,3 +509,29 @@ def test_model_random_operations_match_a_local_directory(cluster: Cluster, tmp_p
     )
     print(f"sync --wait took {synced:.1f} s; second device matched after "
           f"{time.monotonic() - t0 - synced:.1f} s")
+
+
+def test_model_tree_never_goes_back_while_own_changes_sync(cluster: Cluster):
+    """The mount shows each local change at once; when this device's own commits come
+    back from the server (many of them, over more than one page of the change feed),
+    the tree must not step back through the older states they describe."""
+    (home,) = cluster.account()
+    root = cluster.mount(home).path
+    (root / "keep").write_bytes(b"k")
+    (root / "d").mkdir()
+    # every state on the way differs from the last one, wherever a page of the feed ends
+    name = "d"
+    for i in range(3000):
+        os.rename(root / name, root / f"d{i}")
+        name = f"d{i}"
+    os.rename(root / name, root / "done")
+    final = ["done", "keep"]
+    assert sorted(os.listdir(root)) == final
+    older: list[tuple[float, list[str]]] = []
+    started = time.monotonic()
+    while time.monotonic() - started < 8.0:
+        names = sorted(os.listdir(root))
+        if names != final:
+            older.append((round(time.monotonic() - started, 2), names))
+        time.sleep(0.002)
+    assert not older, f"the mount went back to older states (seconds, listing): {older[:5]}"
