@@ -12,6 +12,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio import tcp_server as hypercorn_tcp_server
 
 from server.app import App, ServerConfig
 
@@ -31,6 +32,10 @@ def serve(
 async def _serve(
     config: ServerConfig, host: str, port: int, certfile: str | None, keyfile: str | None
 ) -> None:
+    # hypercorn reads sockets 64 KiB at a time; a 4 MiB chunk body then takes 64 trips
+    # through its read-and-parse loop on the one trio thread (41% of it in a profile).
+    # 1 MiB reads: 4 MiB puts 290-408 -> 468-509 MB/s here, commits unchanged.
+    hypercorn_tcp_server.MAX_RECV = 1 << 20
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.backlog = 4096
