@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cache.chunker import MAX_SIZE, Chunker
 from cache.codec import DirtySealer
 from cache.records import PAGE_SIZE, Flag, Node, decode_manifest
-from cache.store import Store
+from cache.store import Store, Txn
 from loft.protocol import ChunkRef
 
 log = logging.getLogger(__name__)
@@ -213,39 +213,38 @@ class NeedChunk(Exception):
 
 class SyncReader:
     """Reads a file's new content without awaiting: base chunks must be in `extra` or
-    the local cache (else NeedChunk). Runs in a worker thread with its own read txn."""
+    the local cache (else NeedChunk). Runs in a worker thread inside the read
+    transaction `txn` the node and its layout were read in, so every byte it returns
+    belongs to that one state of the file."""
 
     def __init__(
         self,
-        store: Store,
+        txn: Txn,
         sealer: DirtySealer,
         node: Node,
         layout: Layout,
         open_chunk: Callable[[str, bytes], bytes],
         extra: dict[str, bytes],
     ) -> None:
-        self.store, self.sealer, self.node, self.layout = store, sealer, node, layout
+        self.txn, self.sealer, self.node, self.layout = txn, sealer, node, layout
         self.open_chunk, self.extra = open_chunk, extra
 
     def read(self, offset: int, end: int) -> bytes:
         end = min(end, self.node.size)
         out = bytearray()
-        with self.store.read() as t:
-            pos = offset
-            while pos < end:
-                page_no = pos // PAGE_SIZE
-                stop = min(end, (page_no + 1) * PAGE_SIZE)
-                blob = (
-                    t.page(self.node.space, self.node.id, page_no)
-                    if self.node.flags & Flag.DIRTY
-                    else None
-                )
-                if blob is not None:
-                    page = self.sealer.open(self.node.id, page_no, blob)
-                    out += page[pos - page_no * PAGE_SIZE : stop - page_no * PAGE_SIZE]
-                else:
-                    out += self._base(t, pos, stop)
-                pos = stop
+        t = self.txn
+        pos = offset
+        while pos < end:
+            page_no = pos // PAGE_SIZE
+            stop = min(end, (page_no + 1) * PAGE_SIZE)
+            dirty = self.node.flags & Flag.DIRTY
+            blob = t.page(self.node.space, self.node.id, page_no) if dirty else None
+            if blob is not None:
+                page = self.sealer.open(self.node.id, page_no, blob)
+                out += page[pos - page_no * PAGE_SIZE : stop - page_no * PAGE_SIZE]
+            else:
+                out += self._base(t, pos, stop)
+            pos = stop
         return bytes(out)
 
     def _base(self, t, offset: int, end: int) -> bytes:

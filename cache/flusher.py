@@ -359,34 +359,42 @@ class Flusher:
                        ) -> None:
         """Uploads what the server lacks of the node's current content (a small file's
         chunks are queued on `small_uploads`, sent with the batch's others) and records
-        the manifest and the gen it was read at on the item."""
-        item.gen = node.gen
-        layout = self.replica.content.layout(node)
-        if not node.flags & Flag.DIRTY:
-            item.manifest = [list(c) for c in layout.chunks]
-            return
-        with self.store.read() as t:
-            dirty = t.page_numbers(node.space, node.id)
-        ranges = changed_ranges(node, layout, dirty)
+        the manifest, attributes and gen of that content on the item.
+
+        The node, its base manifest and its dirty pages are read in one read transaction
+        held by the worker thread for the whole re-chunking: a file written while an
+        earlier save uploads must be committed as one state it really had, never as
+        newer pages over an older size."""
         codec = self.codec_of(node.space)
         extra: dict[str, bytes] = {}
         while True:
             try:
                 if node.size <= SMALL_FILE:
-                    manifest = await self._collect(node, layout, ranges, codec, extra,
-                                                   small_uploads)
+                    snapshot, manifest = await self._collect(node, codec, extra, small_uploads)
                 else:
-                    manifest = await self._upload(node, layout, ranges, codec, extra)
+                    snapshot, manifest = await self._upload(node, codec, extra)
                 break
             except NeedChunk as need:
                 extra[need.chunk_id] = await self.replica.chunks.get(node.space, need.chunk_id)
+        item.gen = snapshot.gen
+        item.op["attrs"] = attrs_of(snapshot).model_dump(mode="json")
         item.manifest = [list(c) for c in manifest]
 
-    async def _upload(
-        self, node: Node, layout: Layout, ranges, codec: ChunkCodec, extra: dict[str, bytes]
-    ):
+    def _rechunk(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes], emit
+                 ) -> tuple[Node, list]:
+        """In a worker thread: the node as it is now and its new manifest, read in one
+        transaction. (The node record outlives this: its journal entry holds it.)"""
+        with self.store.read() as t:
+            now = t.node(node.space, node.id) or node
+            layout = Layout.of(decode_manifest(t.manifest_bytes(node.space, node.id)))
+            if not now.flags & Flag.DIRTY:
+                return now, layout.chunks
+            ranges = changed_ranges(now, layout, t.page_numbers(node.space, node.id))
+            reader = SyncReader(t, self.replica.sealer, now, layout, codec.open, extra)
+            return now, rechunk(reader, layout, self.chunker, now.size, ranges, emit)
+
+    async def _upload(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes]):
         send, recv = trio.open_memory_channel[tuple[str, bytes] | None](8)
-        reader = SyncReader(self.store, self.replica.sealer, node, layout, codec.open, extra)
         keep_local = node.size <= self.replica.chunks.cap // 4
 
         def emit(piece: bytes) -> str:
@@ -396,7 +404,7 @@ class Flusher:
 
         def work():
             try:
-                return rechunk(reader, layout, self.chunker, node.size, ranges, emit)
+                return self._rechunk(node, codec, extra, emit)
             finally:
                 trio.from_thread.run_sync(send.close)
 
@@ -408,11 +416,10 @@ class Flusher:
         await gather(produce, lambda: self.upload_stream(node.space, recv, keep_local))
         return result[0]
 
-    async def _collect(self, node: Node, layout: Layout, ranges, codec: ChunkCodec,
-                       extra: dict[str, bytes], out: list[tuple[str, bytes]]):
+    async def _collect(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes],
+                       out: list[tuple[str, bytes]]):
         """Re-chunks and seals a small file in a worker thread; its new chunks go on
         `out` (and stay off it if the thread fails halfway)."""
-        reader = SyncReader(self.store, self.replica.sealer, node, layout, codec.open, extra)
         sealed: list[tuple[str, bytes]] = []
 
         def emit(piece: bytes) -> str:
@@ -420,10 +427,9 @@ class Flusher:
             sealed.append((chunk_id, blob))
             return chunk_id
 
-        manifest = await trio.to_thread.run_sync(
-            rechunk, reader, layout, self.chunker, node.size, ranges, emit)
+        result = await trio.to_thread.run_sync(self._rechunk, node, codec, extra, emit)
         out.extend(sealed)
-        return manifest
+        return result
 
     async def _send_small(self, space: str, items: list[tuple[str, bytes]]) -> None:
         """Sends small files' chunks in framed groups, three at a time."""

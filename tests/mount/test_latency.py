@@ -4,6 +4,7 @@ mount reads the new bytes; the numbers are printed (pytest -s) as well as assert
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -186,3 +187,42 @@ def test_latency_second_save_while_the_first_uploads_reaches_the_other_device(
             f"the second save ({delay} s after the first) never reached the other device; "
             f"it has the first: {_read(b / f'video{i}') == first}"
         )
+
+
+def test_latency_other_device_only_sees_contents_the_writer_had(cluster: Cluster):
+    """While a large upload holds up a commit, the file is written and truncated again:
+    the other device may lag, but every content it shows is one the writer had."""
+    home_a, home_b = cluster.account(devices=2)
+    a = cluster.mount(home_a).path
+    b = cluster.mount(home_b).path
+    x0 = os.urandom(2 * 1024 * 1024)
+    (a / "doc").write_bytes(x0)
+    (a / "big").write_bytes(b"")
+    assert wait_for(lambda: _read(b / "doc") == x0, 5.0)
+    with open(a / "big", "r+b") as f:  # a slow upload in the next batch
+        f.write(os.urandom(96 * 1024 * 1024))
+    with open(a / "doc", "r+b") as f:
+        f.write(b"1" * 300_000)
+    x1 = b"1" * 300_000 + x0[300_000:]
+    time.sleep(0.4)  # the batch with both is being built: "big" is uploading
+    with open(a / "doc", "r+b") as f:
+        f.truncate(10)
+    x2 = b"1" * 10
+    names = {hashlib.sha256(x).hexdigest(): name for name, x in [("x0", x0), ("x1", x1),
+                                                                  ("x2", x2)]}
+    seen: list[str] = []
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            data = _read(b / "doc")
+        except OSError:
+            continue
+        name = names.get(hashlib.sha256(data).hexdigest(), f"unknown ({len(data)} bytes)")
+        if not seen or seen[-1] != name:
+            seen.append(name)
+        if name == "x2":
+            break
+        time.sleep(POLL)
+    print("contents B showed, in order:", seen)
+    assert all(name in ("x0", "x1", "x2") for name in seen), seen
+    assert seen[-1] == "x2", seen
