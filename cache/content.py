@@ -229,23 +229,24 @@ class SyncReader:
         self.txn, self.sealer, self.node, self.layout = txn, sealer, node, layout
         self.open_chunk, self.extra = open_chunk, extra
 
-    def read(self, offset: int, end: int) -> bytes:
+    def read(self, offset: int, end: int) -> bytearray:
         end = min(end, self.node.size)
         out = bytearray()
         t = self.txn
+        dirty = self.node.flags & Flag.DIRTY
         pos = offset
         while pos < end:
             page_no = pos // PAGE_SIZE
             stop = min(end, (page_no + 1) * PAGE_SIZE)
-            dirty = self.node.flags & Flag.DIRTY
             blob = t.page(self.node.space, self.node.id, page_no) if dirty else None
             if blob is not None:
                 page = self.sealer.open(self.node.id, page_no, blob)
-                out += page[pos - page_no * PAGE_SIZE : stop - page_no * PAGE_SIZE]
+                base = page_no * PAGE_SIZE
+                out += memoryview(page)[pos - base : stop - base]
             else:
                 out += self._base(t, pos, stop)
             pos = stop
-        return bytes(out)
+        return out
 
     def _base(self, t, offset: int, end: int) -> bytes:
         limit = min(self.layout.size, self.node.floor)
@@ -324,7 +325,7 @@ def rechunk(
             break
         # cut new chunks from pos until a cut lands on an old boundary past the change
         change_end = ranges[r][1] if r < len(ranges) else size
-        buf = b""
+        buf = bytearray()
         buf_start = pos
         while True:
             want = min(size, buf_start + len(buf) + 4 * MAX_SIZE)
@@ -336,9 +337,9 @@ def rechunk(
                 cuts = cuts[:-1]  # the last cut is forced by the buffer's end
             resynced = False
             consumed = 0
+            view = memoryview(buf)
             for off, length in cuts:
-                piece = buf[off : off + length]
-                out.append((emit(piece), length))
+                out.append((emit(view[off : off + length]), length))
                 consumed = off + length
                 end = buf_start + consumed
                 while r < len(ranges) and ranges[r][1] <= end:
@@ -353,8 +354,9 @@ def rechunk(
                     i = old_ends[end] + 1
                     resynced = True
                     break
+            view.release()
             buf_start += consumed
-            buf = buf[consumed:]
+            del buf[:consumed]
             if resynced or (at_eof and not buf):
                 pos = buf_start
                 break

@@ -12,6 +12,9 @@ id, integers big-endian):
     links      S N P name -> ''      the same entries keyed by node: hard links, paths
     pages      S N u64 -> sealed     dirty pages (PAGE_SIZE bytes of the new content each,
                                      sealed under the device key: no plaintext on disk)
+    pagekeys   S N u64 -> ''         the keys of `pages`, to list and delete them without a
+                                     cursor over the pages themselves (the binding faults
+                                     in every value a cursor passes, 1 GiB for a 1 GiB file)
     journal    u64 -> Pending        local operations not yet committed, in order
     chunks     S C -> sealed blob    the chunk cache (blobs as the server stores them)
     chunkmeta  S C -> ChunkMeta      access time, size, pin count of each cached chunk
@@ -27,7 +30,9 @@ is the only one that imports lmdb; lmdb errors become StoreError (MapFull → St
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +41,7 @@ from pathlib import Path
 import lmdb
 
 from cache.records import (
+    PAGE_SIZE,
     ChunkMeta,
     Node,
     Pending,
@@ -56,6 +62,7 @@ DBS = (
     "children",
     "links",
     "pages",
+    "pagekeys",
     "journal",
     "chunks",
     "chunkmeta",
@@ -63,6 +70,50 @@ DBS = (
     "pins",
     "applied",
 )
+
+
+#: bytes read through the map between two releases of its pages (see MapPages)
+RELEASE_EVERY = 32 * 1024 * 1024
+_MADV_DONTNEED = 4
+
+
+class MapPages:
+    """Keeps LMDB's map from swelling this process's resident memory.
+
+    Every value read is copied out of a read-only shared file mapping (deleting a large
+    value touches it too), and each page touched that way stays mapped into the process
+    (and counted in its RSS) until the kernel needs the memory back; streaming a 1 GiB
+    file through the store would show as a 1 GiB process. Once RELEASE_EVERY bytes
+    were touched, the map's pages are dropped from this process with
+    madvise(MADV_DONTNEED). For a shared file mapping that loses nothing: the data stays
+    in the page cache, and the next access maps it again. Without a map to find (not
+    Linux), this does nothing."""
+
+    def __init__(self, data_file: Path) -> None:
+        self.span: tuple[int, int] | None = None
+        self.pending = 0
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    if line.rstrip().endswith(str(data_file)):
+                        lo, _, hi = line.split()[0].partition("-")
+                        self.span = (int(lo, 16), int(hi, 16) - int(lo, 16))
+                        break
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError, ValueError):
+            self.span = None
+
+    def read(self, nbytes: int) -> None:
+        """Notes `nbytes` of values touched through the map."""
+        self.pending += nbytes
+        if self.pending >= RELEASE_EVERY:
+            self.release()
+
+    def release(self) -> None:
+        self.pending = 0
+        if self.span is not None:
+            addr, length = self.span
+            self._madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
 class StoreError(Exception):
@@ -95,8 +146,12 @@ class Store:
                 with self.env.begin(write=True) as txn:
                     self.dbs = {name: self.env.open_db(name.encode(), txn=txn)
                                 for name in DBS}
+                    t = Txn(txn, self.dbs)
+                    if not txn.stat(self.dbs["pagekeys"])["entries"]:
+                        t.index_pages()
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
+        self.pages = MapPages(Path(os.path.realpath(path / "data.mdb")))
 
     def close(self) -> None:
         self.env.close()
@@ -105,7 +160,7 @@ class Store:
     def read(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=False) as txn:
-                yield Txn(txn, self.dbs)
+                yield Txn(txn, self.dbs, self.pages)
         except lmdb.Error as exc:
             raise StoreError(f"local store: {exc}") from exc
 
@@ -113,7 +168,7 @@ class Store:
     def write(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=True) as txn:
-                yield Txn(txn, self.dbs)
+                yield Txn(txn, self.dbs, self.pages)
         except lmdb.MapFullError as exc:
             raise StoreFull("the local store is full") from exc
         except lmdb.DiskError as exc:
@@ -131,9 +186,14 @@ class Store:
 class Txn:
     """Typed access to the named databases inside one transaction."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict) -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, pages: MapPages | None = None) -> None:
         self.txn = txn
         self.db = dbs
+        self.pages = pages
+
+    def _mapped(self, nbytes: int) -> None:
+        if self.pages is not None:
+            self.pages.read(nbytes)
 
     # ------------------------------------------------------------------ meta
 
@@ -264,33 +324,46 @@ class Txn:
 
     def page(self, space: str, node: str, page_no: int) -> bytes | None:
         value = self.txn.get(raw(space) + raw(node) + u64(page_no), db=self.db["pages"])
-        return bytes(value) if value is not None else None
+        if value is None:
+            return None
+        self._mapped(len(value))
+        return bytes(value)
 
     def put_page(self, space: str, node: str, page_no: int, sealed: bytes) -> None:
-        self.txn.put(raw(space) + raw(node) + u64(page_no), sealed, db=self.db["pages"])
+        key = raw(space) + raw(node) + u64(page_no)
+        self.txn.put(key, sealed, db=self.db["pages"])
+        self.txn.put(key, b"", db=self.db["pagekeys"])
 
-    def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
+    def _page_keys(self, space: str, node: str, start: int) -> list[bytes]:
         prefix = raw(space) + raw(node)
         out = []
-        with self.txn.cursor(db=self.db["pages"]) as cur:
+        with self.txn.cursor(db=self.db["pagekeys"]) as cur:
             if cur.set_range(prefix + u64(start)):
                 for key in cur.iternext(values=False):
                     if not key.startswith(prefix):
                         break
-                    out.append(from_u64(key[32:]))
+                    out.append(bytes(key))
         return out
 
+    def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
+        return [from_u64(key[32:]) for key in self._page_keys(space, node, start)]
+
     def del_pages(self, space: str, node: str, start: int = 0) -> int:
-        prefix = raw(space) + raw(node)
-        removed = 0
+        keys = self._page_keys(space, node, start)
+        for key in keys:
+            self.txn.delete(key, db=self.db["pages"])  # maps the value in (see MapPages)
+            self.txn.delete(key, db=self.db["pagekeys"])
+            self._mapped(PAGE_SIZE)
+        return len(keys)
+
+    def index_pages(self) -> int:
+        """Fills `pagekeys` from `pages` (a store written before it existed)."""
+        count = 0
         with self.txn.cursor(db=self.db["pages"]) as cur:
-            if not cur.set_range(prefix + u64(start)):
-                return 0
-            while cur.key().startswith(prefix):
-                removed += 1
-                if not cur.delete():
-                    break
-        return removed
+            for key in cur.iternext(values=False):
+                self.txn.put(bytes(key), b"", db=self.db["pagekeys"])
+                count += 1
+        return count
 
     def dirty_bytes(self) -> int:
         return self.txn.stat(self.db["pages"])["entries"] * 128 * 1024
@@ -327,7 +400,10 @@ class Txn:
 
     def chunk(self, space: str, chunk_id: str) -> bytes | None:
         value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunks"])
-        return bytes(value) if value is not None else None
+        if value is None:
+            return None
+        self._mapped(len(value))
+        return bytes(value)
 
     def chunk_meta(self, space: str, chunk_id: str) -> ChunkMeta | None:
         value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunkmeta"])
@@ -374,7 +450,8 @@ class Txn:
         if value is None:
             return 0
         meta = ChunkMeta.decode(value)
-        self.txn.delete(key, db=self.db["chunks"])
+        self.txn.delete(key, db=self.db["chunks"])  # maps the value in (see MapPages)
+        self._mapped(meta.size)
         self.txn.delete(u64(meta.atime_ns) + key, db=self.db["lru"])
         self.set_meta_int("cache_bytes", self.meta_int("cache_bytes") - meta.size)
         return meta.size

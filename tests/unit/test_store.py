@@ -1,0 +1,76 @@
+"""The local store's page index and its bound on the process's resident memory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from cache.records import PAGE_SIZE
+from cache.store import RELEASE_EVERY, Store
+
+SPACE = str(uuid.uuid4())
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_pages_are_listed_and_deleted_by_node(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    with store.write() as t:
+        for n in (0, 3, 7):
+            t.put_page(SPACE, a, n, b"a%d" % n)
+        t.put_page(SPACE, b, 1, b"b1")
+    with store.read() as t:
+        assert t.page_numbers(SPACE, a) == [0, 3, 7]
+        assert t.page_numbers(SPACE, a, 4) == [7]
+        assert t.page_numbers(SPACE, b) == [1]
+    with store.write() as t:
+        assert t.del_pages(SPACE, a, 3) == 2
+    with store.read() as t:
+        assert t.page_numbers(SPACE, a) == [0]
+        assert t.page(SPACE, a, 3) is None and t.page(SPACE, a, 0) == b"a0"
+        assert t.page(SPACE, b, 1) == b"b1"
+    store.close()
+
+
+def test_a_store_without_the_page_index_gets_one_when_opened(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    node = str(uuid.uuid4())
+    with store.write() as t:
+        t.put_page(SPACE, node, 2, b"x")
+        t.put_page(SPACE, node, 5, b"y")
+        # as written before the index existed: pages only
+        t.txn.drop(t.db["pagekeys"], delete=False)
+    store.close()
+    store = Store(tmp_path / "store")
+    with store.read() as t:
+        assert t.page_numbers(SPACE, node) == [2, 5]
+    store.close()
+
+
+def test_reading_a_large_file_through_the_store_does_not_stay_resident(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    node = str(uuid.uuid4())
+    pages = (128 << 20) // PAGE_SIZE
+    with store.write() as t:
+        for n in range(pages):
+            t.put_page(SPACE, node, n, os.urandom(64) * (PAGE_SIZE // 64))
+    before = _rss_file_kib()
+    with store.read() as t:
+        for n in range(pages):
+            assert t.page(SPACE, node, n) is not None
+    read_growth = _rss_file_kib() - before
+    with store.write() as t:
+        assert t.del_pages(SPACE, node) == pages
+    delete_growth = _rss_file_kib() - before
+    store.close()
+    limit_kib = 2 * RELEASE_EVERY // 1024  # 64 MiB
+    assert read_growth < limit_kib, f"{read_growth} KiB stayed mapped after reading 128 MiB"
+    assert delete_growth < limit_kib, f"{delete_growth} KiB stayed mapped after deleting"
