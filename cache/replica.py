@@ -179,19 +179,11 @@ class Replica:
 
     def lookup(self, space: str, parent: str, name: str) -> Node:
         with self.store.read() as t:
-            child = t.child(space, parent, name)
-            node = t.node(space, child) if child else None
-        if node is None:
-            raise NotFound(name)
-        return node
+            return self._entry(t, space, parent, name)
 
     def readdir(self, space: str, parent: str, after: str | None = None) -> list[tuple[str, Node]]:
         with self.store.read() as t:
-            parent_node = t.node(space, parent)
-            if parent_node is None:
-                raise NotFound(parent)
-            if parent_node.kind != Kind.DIR:
-                raise NotADirectory(parent)
+            self._dir(t, space, parent)
             out = []
             for name, child in t.children(space, parent, after):
                 node = t.node(space, child)
@@ -259,6 +251,15 @@ class Replica:
             raise NotFound(node_id)
         if node.kind != Kind.DIR:
             raise NotADirectory(node_id)
+        return node
+
+    @staticmethod
+    def _entry(t: Txn, space: str, parent: str, name: str) -> Node:
+        """The node named `name` in directory `parent`."""
+        child = t.child(space, parent, name)
+        node = t.node(space, child) if child else None
+        if node is None:
+            raise NotFound(name)
         return node
 
     def _touch_dir(self, t: Txn, parent: Node) -> None:
@@ -394,10 +395,7 @@ class Replica:
         self._writable()
         with self.store.write() as t:
             parent_node = self._dir(t, space, parent)
-            child = t.child(space, parent, name)
-            node = t.node(space, child) if child else None
-            if node is None:
-                raise NotFound(name)
+            node = self._entry(t, space, parent, name)
             if node.kind == Kind.DIR:
                 raise IsADirectory(name)
             t.remove_entry(space, parent, name)
@@ -409,10 +407,7 @@ class Replica:
         self._writable()
         with self.store.write() as t:
             parent_node = self._dir(t, space, parent)
-            child = t.child(space, parent, name)
-            node = t.node(space, child) if child else None
-            if node is None:
-                raise NotFound(name)
+            node = self._entry(t, space, parent, name)
             if node.kind != Kind.DIR:
                 raise NotADirectory(name)
             if t.has_children(space, node.id):
@@ -439,10 +434,7 @@ class Replica:
         with self.store.write() as t:
             src_dir = self._dir(t, space, parent)
             dst_dir = self._dir(t, space, new_parent)
-            child = t.child(space, parent, name)
-            node = t.node(space, child) if child else None
-            if node is None:
-                raise NotFound(name)
+            node = self._entry(t, space, parent, name)
             target_id = t.child(space, new_parent, new_name)
             target = t.node(space, target_id) if target_id else None
             if target_id == node.id:
