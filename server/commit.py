@@ -293,6 +293,14 @@ class _Applier:
             )
         return encode_manifest(content.chunks)
 
+    def _version_like(self, node: str, seq: int, attrs: Attrs, old: tuple) -> None:
+        """A new version with `attrs` and everything else (content, target, special) of
+        the version row `old` (as `_version_row` reads it)."""
+        self._new_version(
+            node, seq, attrs, size=old[5], content_seq=old[9], target=old[6], special=old[7],
+            rdev=old[8],
+        )
+
     def _new_version(
         self,
         node: str,
@@ -426,16 +434,7 @@ class _Applier:
         self._expect_base(node, op.base)
         old = self._version_row(op.node, node.version)
         seq = self._next_seq()
-        self._new_version(
-            op.node,
-            seq,
-            op.attrs,
-            size=old[5],
-            content_seq=old[9],
-            target=old[6],
-            special=old[7],
-            rdev=old[8],
-        )
+        self._version_like(op.node, seq, op.attrs, old)
         self.conn.execute(
             "UPDATE nodes SET version = ? WHERE space_id = ? AND id = ?", (seq, self.space, op.node)
         )
@@ -585,16 +584,7 @@ class _Applier:
         else:
             self._charge(old[5] - node.size)
         attrs = attrs_of(old)
-        self._new_version(
-            op.node,
-            seq,
-            attrs,
-            size=old[5],
-            content_seq=old[9],
-            target=old[6],
-            special=old[7],
-            rdev=old[8],
-        )
+        self._version_like(op.node, seq, attrs, old)
         self.conn.execute(
             "UPDATE nodes SET version = ?, size = ?, deleted = 0 WHERE space_id = ? AND id = ?",
             (seq, old[5], self.space, op.node),
