@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from probes import machine_cpu, percentile, process_cpu
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -174,10 +175,6 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e6:,.0f} MB/s ({_secs(seconds)})"
 
 
-def _percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def _size_label(size: int) -> str:
@@ -186,24 +183,9 @@ def _size_label(size: int) -> str:
 
 # ------------------------------------------------------------------------- /proc probes
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads); 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
-
-def _machine_cpu() -> float:
-    """CPU seconds all processors have spent busy since boot."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
 
 
 def _vm(pid: int, key: str) -> int:
@@ -774,9 +756,9 @@ class Bench:
         for side in sides or self.sides:
             self._notes.clear()
             pids = side.pids()
-            cpu_before = {k: _process_cpu(p) for k, p in pids.items()}
+            cpu_before = {k: process_cpu(p) for k, p in pids.items()}
             side.mark()
-            machine_before, started = _machine_cpu(), time.perf_counter()
+            machine_before, started = machine_cpu(), time.perf_counter()
             try:
                 out[side.name] = work(side)
             except BenchError as exc:
@@ -784,8 +766,8 @@ class Bench:
                 out[side.name] = None
                 continue
             wall = time.perf_counter() - started
-            cpu = {k: (_process_cpu(p) - cpu_before[k]) / wall for k, p in pids.items()}
-            busy = (_machine_cpu() - machine_before) / wall
+            cpu = {k: (process_cpu(p) - cpu_before[k]) / wall for k, p in pids.items()}
+            busy = (machine_cpu() - machine_before) / wall
             used = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if v >= 0.005) or "-"
             notes = "".join(f"; {n}" for n in self._notes)
             _detail(
@@ -1172,7 +1154,7 @@ def bench_latency(bench: Bench) -> None:
         _wait_for(lambda c=content: _visible(loft.b / name, c), 30.0, f"edit {i} on B", 0.002)
         samples.append(time.perf_counter() - started)
         time.sleep(0.05)
-    p50, p99 = _percentile(samples, 50), _percentile(samples, 99)
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
     _detail(
         f"Loft: p50 {_secs(p50)}, p99 {_secs(p99)}, max {_secs(max(samples))} "
         f"over {len(samples)} edits"
@@ -1422,9 +1404,9 @@ def _ensure_tools() -> None:
 
 
 def _warn_if_busy() -> None:
-    before, started = _machine_cpu(), time.perf_counter()
+    before, started = machine_cpu(), time.perf_counter()
     time.sleep(0.5)
-    busy = (_machine_cpu() - before) / (time.perf_counter() - started)
+    busy = (machine_cpu() - before) / (time.perf_counter() - started)
     if busy > 0.1:
         print(
             f"warning: other processes keep {100 * busy:.0f}% of one CPU busy "

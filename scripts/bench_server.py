@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 import blake3  # noqa: E402
 import httpx  # noqa: E402
 import trio  # noqa: E402
+from probes import TICK, machine_cpu, percentile, process_cpu  # noqa: E402
 
 from loft.protocol import DIGEST_HEADER, FRAME_HEAD, ROOT_NODE  # noqa: E402
 from tests.api import Api, User, mkdir, new_id  # noqa: E402
@@ -116,9 +117,9 @@ class Meter:
     def _now(self) -> tuple[float, float, float, float]:
         return (
             time.perf_counter(),
-            _process_cpu(self.pid),
+            process_cpu(self.pid),
             time.process_time(),
-            _machine_cpu(),
+            machine_cpu(),
         )
 
     def start(self) -> None:
@@ -131,28 +132,9 @@ class Meter:
         return Span(wall, server, client, max(0.0, machine - server - client))
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads); 0 where /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
-
-def _machine_cpu() -> float:
-    """CPU seconds all processors have spent busy since boot; 0 where /proc is absent."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
 
 
 def _open_sockets(pid: int) -> int:
@@ -168,10 +150,6 @@ def _open_sockets(pid: int) -> int:
     return count
 
 
-def _percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def _clients(n: int) -> str:
@@ -307,7 +285,7 @@ async def bench_commits(bench: Bench) -> None:
         best = max(best, (rate, clients))
         _detail(
             f"{_clients(clients)}: {done:,} commits in {span.seconds:.2f} s = {rate:,.0f}/s; "
-            f"latency p50 {_ms(_percentile(lat, 50))}, p99 {_ms(_percentile(lat, 99))}; "
+            f"latency p50 {_ms(percentile(lat, 50))}, p99 {_ms(percentile(lat, 99))}; "
             f"{span.cpu_note()}"
         )
     bench.rows.append(
@@ -329,7 +307,7 @@ async def bench_commits(bench: Bench) -> None:
         best = max(best, (rate, clients))
         _detail(
             f"{_clients(clients)}: {done:,} commits in {span.seconds:.2f} s = {rate:,.1f}/s "
-            f"= {rate * BATCH_OPS:,.0f} ops/s; latency p50 {_ms(_percentile(lat, 50))}; "
+            f"= {rate * BATCH_OPS:,.0f} ops/s; latency p50 {_ms(percentile(lat, 50))}; "
             f"{span.cpu_note()}"
         )
     bench.rows.append(
@@ -452,9 +430,9 @@ async def _wait_server_quiet(pid: int) -> None:
     """Waits until the server has used at most one clock tick of CPU in 100 ms: it has
     dealt with every request sent so far."""
     while True:
-        before = _process_cpu(pid)
+        before = process_cpu(pid)
         await trio.sleep(0.1)
-        if _process_cpu(pid) - before <= 1 / _TICK:
+        if process_cpu(pid) - before <= 1 / TICK:
             return
 
 
@@ -555,10 +533,10 @@ async def bench_wake(bench: Bench) -> None:
         still_held = _open_sockets(bench.server_pid)
         nursery.cancel_scope.cancel()
 
-    p50, p99 = _percentile(samples, 50), _percentile(samples, 99)
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
     _detail(
         f"{len(samples)} wakes: p50 {_ms(p50)}, p99 {_ms(p99)}, max {_ms(max(samples))}; "
-        f"commit round trip p50 {_ms(_percentile(commit_rtts, 50))}"
+        f"commit round trip p50 {_ms(percentile(commit_rtts, 50))}"
     )
     _detail(
         f"idle long-polls that returned meanwhile: {idle_returns}; server sockets at the end "
@@ -597,9 +575,9 @@ def print_table(rows: Sequence[Row]) -> None:
 
 def _warn_if_busy() -> None:
     """Says so when other processes are using the CPUs the benchmark needs."""
-    before, started = _machine_cpu(), time.perf_counter()
+    before, started = machine_cpu(), time.perf_counter()
     time.sleep(0.5)
-    busy = (_machine_cpu() - before) / (time.perf_counter() - started)
+    busy = (machine_cpu() - before) / (time.perf_counter() - started)
     if busy > 0.1:
         print(
             f"warning: other processes keep {100 * busy:.0f}% of one CPU busy "
