@@ -47,6 +47,14 @@ def counting_session(home: Path, **kw):
     return backend, Session.open(home, backend=backend, **kw)
 
 
+async def write_new(replica, name: str, data: bytes):
+    """Creates `name` in the home root with `data` and closes it (journals it)."""
+    node = replica.create(replica.home, ROOT, name)
+    await replica.write(replica.home, node.id, 0, data)
+    replica.flush(replica.home, node.id)
+    return node
+
+
 async def read_path(session: Session, path: str) -> bytes:
     node = session.replica.resolve(path)
     return await session.replica.read(session.replica.home, node.id, 0, node.size + 1)
@@ -95,9 +103,7 @@ async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
     a_home, b_home = await devices.add("laptop"), await devices.add("desk")
     async with Session.open(a_home) as a, Session.open(b_home) as b:
         ra, rb = a.replica, b.replica
-        f = ra.create(ra.home, ROOT, "notes.txt")
-        await ra.write(ra.home, f.id, 0, b"original")
-        ra.flush(ra.home, f.id)
+        f = await write_new(ra, "notes.txt", b"original")
         await a.sync()
         await b.sync()
         server.stop()
@@ -125,9 +131,7 @@ async def test_replica_delete_against_edit_keeps_the_edit(devices, server):
     a_home, b_home = await devices.add("laptop"), await devices.add("desk")
     async with Session.open(a_home) as a, Session.open(b_home) as b:
         ra, rb = a.replica, b.replica
-        f = ra.create(ra.home, ROOT, "plan.md")
-        await ra.write(ra.home, f.id, 0, b"v1")
-        ra.flush(ra.home, f.id)
+        await write_new(ra, "plan.md", b"v1")
         await a.sync()
         await b.sync()
         server.stop()
@@ -226,9 +230,7 @@ async def test_replica_offline_uncached_read_fails_fast(devices, server, tmp_pat
             with pytest.raises(Offline):
                 await b.replica.read(b.replica.home, node.id, 0, 10)
         # writes are still accepted and queued
-        c = b.replica.create(b.replica.home, ROOT, "offline.txt")
-        await b.replica.write(b.replica.home, c.id, 0, b"queued")
-        b.replica.flush(b.replica.home, c.id)
+        await write_new(b.replica, "offline.txt", b"queued")
         server.start()
         await b.sync()
     async with Session.open(a_home) as a:
@@ -243,9 +245,7 @@ async def test_replica_login_with_password_alone_and_no_plaintext_at_rest(
     a_home = await devices.add()
     async with Session.open(a_home) as a:
         r = a.replica
-        f = r.create(r.home, ROOT, "secret.txt")
-        await r.write(r.home, f.id, 0, marker)
-        r.flush(r.home, f.id)
+        await write_new(r, "secret.txt", marker)
         g = r.create(r.home, ROOT, "unsynced.txt")
         await r.write(r.home, g.id, 0, marker[:100_000])  # dirty pages, not yet flushed
         await a.sync()
