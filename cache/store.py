@@ -103,7 +103,7 @@ class MapPages:
         except (OSError, AttributeError, ValueError):
             self.span = None
 
-    def read(self, nbytes: int) -> None:
+    def touched(self, nbytes: int) -> None:
         """Notes `nbytes` of values touched through the map."""
         self.pending += nbytes
         if self.pending >= RELEASE_EVERY:
@@ -151,7 +151,7 @@ class Store:
                         t.index_pages()
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
-        self.pages = MapPages(Path(os.path.realpath(path / "data.mdb")))
+        self.mapped = MapPages(Path(os.path.realpath(path / "data.mdb")))
 
     def close(self) -> None:
         self.env.close()
@@ -160,7 +160,7 @@ class Store:
     def read(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=False) as txn:
-                yield Txn(txn, self.dbs, self.pages)
+                yield Txn(txn, self.dbs, self.mapped)
         except lmdb.Error as exc:
             raise StoreError(f"local store: {exc}") from exc
 
@@ -168,7 +168,7 @@ class Store:
     def write(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=True) as txn:
-                yield Txn(txn, self.dbs, self.pages)
+                yield Txn(txn, self.dbs, self.mapped)
         except lmdb.MapFullError as exc:
             raise StoreFull("the local store is full") from exc
         except lmdb.DiskError as exc:
@@ -186,14 +186,14 @@ class Store:
 class Txn:
     """Typed access to the named databases inside one transaction."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict, pages: MapPages | None = None) -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, mapped: MapPages | None = None) -> None:
         self.txn = txn
         self.db = dbs
-        self.pages = pages
+        self.mapped = mapped
 
     def _mapped(self, nbytes: int) -> None:
-        if self.pages is not None:
-            self.pages.read(nbytes)
+        if self.mapped is not None:
+            self.mapped.touched(nbytes)
 
     # ------------------------------------------------------------------ meta
 
