@@ -296,11 +296,12 @@ def rechunk(
     chunker: Chunker,
     size: int,
     ranges: list[tuple[int, int]],
-    emit: Callable[[bytes], str],
+    emit: Callable[[memoryview], str],
 ) -> list[ChunkRef]:
     """The new manifest: old chunks where nothing changed, new cuts from the start of the
     old chunk holding each change until the cuts meet an old boundary past it. `emit`
-    seals and queues a new chunk's plaintext and returns its id."""
+    seals and queues a new chunk's plaintext and returns its id; the view it gets stays
+    valid (its buffer is never changed), so it may be sealed later on another thread."""
     old_ends = {start + n: i for i, ((_, n), start) in
                 enumerate(zip(layout.chunks, layout.starts, strict=True))}
     base_limit = min(layout.size, reader.node.floor)
@@ -354,9 +355,10 @@ def rechunk(
                     i = old_ends[end] + 1
                     resynced = True
                     break
-            view.release()
             buf_start += consumed
-            del buf[:consumed]
+            # a fresh buffer for the rest: `emit` may still hold views of this one
+            buf = bytearray(view[consumed:])
+            view.release()
             if resynced or (at_eof and not buf):
                 pos = buf_start
                 break

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import trio
 
 from backend.base import Backend, BackendError, CommitConflict, is_transient
 from cache.chunker import Chunker
-from cache.codec import ChunkCodec
+from cache.codec import ChunkCodec, run_cpu
 from cache.content import Layout, NeedChunk, SyncReader, changed_ranges, rechunk
 from cache.records import (
     NO_FLOOR,
@@ -67,6 +68,8 @@ MAX_CONTENT = 256 * 1024 * 1024
 #: Chunks travel in framed batches of about this size, three batches in flight.
 GROUP_BYTES = 16 * 1024 * 1024
 UPLOADERS = 4
+#: Sealing tasks behind one cutting thread (each takes a CPU token of `run_cpu`).
+SEALERS = os.cpu_count() or 1
 VERSIONED = {"mkdir", "create", "symlink", "special", "content", "setattr"}
 NEEDS_BASE = {"content", "setattr", "unlink"}
 
@@ -394,27 +397,48 @@ class Flusher:
             return now, rechunk(reader, layout, self.chunker, now.size, ranges, emit)
 
     async def _upload(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes]):
-        send, recv = trio.open_memory_channel[tuple[str, bytes] | None](8)
         keep_local = node.size <= self.replica.chunks.cap // 4
-
-        def emit(piece: bytes) -> str:
-            chunk_id, blob = codec.seal(piece)
-            trio.from_thread.run(send.send, (chunk_id, blob))
-            return chunk_id
-
-        def work():
-            try:
-                return self._rechunk(node, codec, extra, emit)
-            finally:
-                trio.from_thread.run_sync(send.close)
-
         result: list = []
 
-        async def produce() -> None:
-            result.append(await trio.to_thread.run_sync(work))
+        def cut(emit) -> None:
+            result.append(self._rechunk(node, codec, extra, emit))
 
-        await gather(produce, lambda: self.upload_stream(node.space, recv, keep_local))
+        await self._pipeline(node.space, codec, cut, keep_local)
         return result[0]
+
+    async def _pipeline(self, space: str, codec: ChunkCodec, cut, keep_local: bool) -> None:
+        """Runs `cut(emit)` in a worker thread and uploads what it emits. `emit(piece)`
+        names the piece and returns its id at once; the pieces are sealed (compressed
+        and encrypted, the dear part) on every core behind it, then sent in groups."""
+        pieces_send, pieces_recv = trio.open_memory_channel[tuple[bytes, memoryview]](4)
+        blobs_send, blobs_recv = trio.open_memory_channel[tuple[str, bytes]](4)
+
+        def emit(piece: memoryview) -> str:
+            raw_id = codec.raw_id(piece)
+            trio.from_thread.run(pieces_send.send, (raw_id, piece))
+            return raw_id.hex()
+
+        def work() -> None:
+            try:
+                cut(emit)
+            finally:
+                trio.from_thread.run_sync(pieces_send.close)
+
+        async def seal(out) -> None:
+            async with out:
+                async for raw_id, piece in pieces_recv:
+                    blob = await run_cpu(codec.seal_as, raw_id, piece)
+                    await out.send((raw_id.hex(), blob))
+
+        async def seal_all() -> None:
+            async with blobs_send:
+                await gather(*[lambda o=blobs_send.clone(): seal(o) for _ in range(SEALERS)])
+
+        await gather(
+            lambda: trio.to_thread.run_sync(work),
+            seal_all,
+            lambda: self.upload_stream(space, blobs_recv, keep_local),
+        )
 
     async def _collect(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes],
                        out: list[tuple[str, bytes]]):
@@ -452,24 +476,14 @@ class Flusher:
     async def upload_file(self, space: str, path) -> list[tuple[str, int]]:
         """Chunks, seals and uploads a local file as it is read; returns its manifest.
         Memory stays bounded by a few chunks whatever the file's size."""
-        codec = self.codec_of(space)
-        send, recv = trio.open_memory_channel[tuple[str, bytes]](8)
         manifest: list[tuple[str, int]] = []
 
-        def work() -> None:
-            try:
-                with open(path, "rb") as f:
-                    for piece in self.chunker.iter_chunks(f):
-                        chunk_id, blob = codec.seal(piece)
-                        manifest.append((chunk_id, len(piece)))
-                        trio.from_thread.run(send.send, (chunk_id, blob))
-            finally:
-                trio.from_thread.run_sync(send.close)
+        def cut(emit) -> None:
+            with open(path, "rb") as f:
+                for piece in self.chunker.iter_chunks(f):
+                    manifest.append((emit(piece), len(piece)))
 
-        async def produce() -> None:
-            await trio.to_thread.run_sync(work)
-
-        await gather(produce, lambda: self.upload_stream(space, recv, False))
+        await self._pipeline(space, self.codec_of(space), cut, False)
         return manifest
 
     async def upload_stream(self, space: str, recv, keep_local: bool) -> None:

@@ -12,7 +12,6 @@ in a nursery for as long as the session is open.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import time
@@ -51,6 +50,7 @@ from cache.records import Kind, Node
 from cache.replica import Replica
 from cache.status import run_state_writer
 from cache.store import Store
+from loft import allocator
 from loft.protocol import ROOT_NODE, LoginRequest, LoginResponse, SignupRequest
 
 log = logging.getLogger(__name__)
@@ -60,23 +60,6 @@ DEFAULT_CACHE = 10 * 1024**3
 
 class NotLoggedIn(ReplicaError):
     pass
-
-
-def limit_heap_growth() -> None:
-    """Keeps chunk-sized buffers out of the malloc heap.
-
-    glibc raises its mmap threshold each time a large block is freed, after which
-    1 MiB chunk buffers come from the heap, fragment it and are never returned: a 1 GiB
-    download then left ~300 MB resident. A fixed threshold gives each such buffer its own
-    mapping, returned on free (measured: peak RSS 490 -> 334 MB for a 1 GiB round trip).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
-    libc.mallopt(m_trim_threshold, 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -252,7 +235,7 @@ class Session:
         mountpoint: Path | None = None,
     ) -> AsyncIterator[Session]:
         config, token, keyring = load(home)
-        limit_heap_growth()
+        allocator.configure()
         store = Store(home / "store")
         backend = backend or stack(config.server, token)
         codecs: dict[str, ChunkCodec] = {
@@ -274,6 +257,7 @@ class Session:
         session = cls(config, store, backend, replica, flusher, reconciler)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(allocator.run_trimmer)
                 await nursery.start(chunks.run_prefetchers)
                 await nursery.start(replica.run_quiet_journaler)
                 if not read_only:

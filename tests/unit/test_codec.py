@@ -10,10 +10,13 @@ import pytest
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cache import codec as codec_module
 from cache.codec import (
     FLAG_COMPRESSED,
     HEADER_BYTES,
     MAGIC,
+    PROBE_BYTES,
+    PROBES,
     TAG_BYTES,
     ChunkCodec,
     CodecError,
@@ -97,6 +100,33 @@ def test_codec_incompressible_data_is_stored_uncompressed(codec: ChunkCodec) -> 
     _, blob = codec.seal(data)
     assert not _flags(blob) & FLAG_COMPRESSED
     assert len(blob) == HEADER_BYTES + len(data) + TAG_BYTES
+
+
+def test_codec_large_chunk_compressible_in_its_middle_is_compressed(codec: ChunkCodec) -> None:
+    # the start and end probes see random bytes, the middle one sees text
+    data = _random(600_000, 4) + TEXT + _random(600_000, 5)
+    chunk_id, blob = codec.seal(data)
+    assert _flags(blob) & FLAG_COMPRESSED
+    assert codec.open(chunk_id, blob) == data
+
+
+def test_codec_large_incompressible_chunk_skips_compression(
+    codec: ChunkCodec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _random(4 << 20, 6)
+    compressed: list[int] = []
+    real = codec_module._zstd.compressor(codec.level)
+
+    class Spy:
+        def compress(self, data):
+            compressed.append(len(data))
+            return real.compress(data)
+
+    monkeypatch.setattr(codec_module._zstd, "compressor", lambda level: Spy())
+    chunk_id, blob = codec.seal(data)
+    assert not _flags(blob) & FLAG_COMPRESSED
+    assert codec.open(chunk_id, blob) == data
+    assert compressed == [PROBE_BYTES] * PROBES  # the probes only, never the whole chunk
 
 
 def test_codec_barely_compressible_data_is_stored_uncompressed(codec: ChunkCodec) -> None:
