@@ -44,12 +44,13 @@ def human(n: float) -> str:
 
 
 def _home() -> Path:
-    """The device's state folder: LOFT_HOME, else the platform's user data folder."""
+    """The device's state folder: LOFT_HOME, else the platform's user data folder.
+    Always absolute: the mount process leaves the working directory behind."""
     env = os.environ.get("LOFT_HOME")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().absolute()
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "loft"
+    return (Path(base) / "loft").absolute()
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -50,6 +50,22 @@ def test_mount_refuses_bad_mountpoints_and_logged_out_devices(cluster: Cluster, 
         unmount(again)
 
 
+def test_mount_with_relative_home_and_mountpoint(cluster: Cluster, tmp_path):
+    # the mount process leaves the working directory: relative paths must not break it
+    (home,) = cluster.account()
+    (tmp_path / "mnt").mkdir()
+    env = {**_env(home), "LOFT_HOME": os.path.relpath(home, tmp_path)}
+    result = subprocess.run([*LOFT, "mount", "mnt"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        (tmp_path / "mnt" / "f").write_bytes(b"relative")
+        assert (tmp_path / "mnt" / "f").read_bytes() == b"relative"
+    finally:
+        if os.path.ismount(tmp_path / "mnt"):
+            unmount(tmp_path / "mnt")
+
+
 def test_mount_unmount_then_remount_keeps_everything(cluster: Cluster):
     (home,) = cluster.account()
     m = cluster.mount(home)
