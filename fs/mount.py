@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -32,6 +33,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 10.0
+#: The kernel's read-ahead for the mount: a FUSE request carries at most 1 MiB anyway.
+READ_AHEAD_KB = 1024
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -304,7 +307,8 @@ async def _serve(
             core = Core(replica, home)
             notifier = KernelNotifier(core)
             try:
-                pyfuse3.init(Operations(core), str(mountpoint), _fuse_options(options))
+                operations = Operations(core)
+                pyfuse3.init(operations, str(mountpoint), _fuse_options(options))
             except RuntimeError as exc:
                 raise MountError(f"cannot mount at {mountpoint}: {exc}") from None
             replica.listeners.append(notifier.listen)
@@ -313,6 +317,7 @@ async def _serve(
                 async with trio.open_nursery() as nursery:
                     await nursery.start(notifier.run)
                     nursery.start_soon(_stop_on_signal, signals)
+                    nursery.start_soon(_widen_read_ahead, operations.initialized, mountpoint)
                     report("ready")
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
@@ -321,6 +326,34 @@ async def _serve(
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", mountpoint)
             await _drain(session)
+
+
+async def _widen_read_ahead(initialized, mountpoint: Path) -> None:
+    """Raises the kernel's read-ahead for this mount from 128 KiB to READ_AHEAD_KB.
+
+    The kernel reads a FUSE file in requests no larger than its read-ahead window, and
+    each request is a round trip through this process: at 128 KiB, re-reading a cached
+    256 MiB file ran at 415 MB/s, at 1 MiB at 830 MB/s. The FUSE handshake can only
+    lower the window (so this waits until it is done), and sysfs, where it can be
+    raised, needs root; otherwise the default stays. The mount's device number comes
+    from /proc/self/mountinfo: a stat of the mountpoint here would wait on this very
+    process."""
+    await initialized.wait()
+    device = None
+    # the kernel lists the mountpoint with symlinks resolved (not the mountpoint itself:
+    # resolving that would stat it)
+    where = str(Path(os.path.realpath(mountpoint.parent)) / mountpoint.name)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+                if point == where:
+                    device = fields[2]  # the last mount there is ours
+        if device is not None:
+            Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.debug("read-ahead of %s stays at the default: %s", mountpoint, exc)
 
 
 async def _stop_on_signal(signals) -> None:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 
 import pyfuse3
+import trio
 
 from fs.core import Attrs, Core
 from fs.errors import errnos
@@ -55,6 +56,11 @@ class Operations(pyfuse3.Operations):
     def __init__(self, core: Core) -> None:
         super().__init__()
         self.core = core
+        #: set once the kernel's handshake is answered (pyfuse3 calls init() just before)
+        self.initialized = trio.Event()
+
+    def init(self):
+        self.initialized.set()
 
     async def lookup(self, parent_inode, name, ctx):
         with errnos("lookup"):

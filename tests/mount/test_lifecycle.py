@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fs.mount import MountError, unmount
+from fs.mount import READ_AHEAD_KB, MountError, unmount
 from tests.mount.conftest import LOFT, Cluster, Mount, _env, _wait_gone, wait_for
 
 
@@ -64,6 +64,14 @@ def test_mount_with_relative_home_and_mountpoint(cluster: Cluster, tmp_path):
     finally:
         if os.path.ismount(tmp_path / "mnt"):
             unmount(tmp_path / "mnt")
+
+
+def test_mount_widens_the_kernel_read_ahead(cluster: Cluster):
+    (home,) = cluster.account()
+    m = cluster.mount(home)
+    device = os.stat(m.path).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    assert bdi.read_text().strip() == str(READ_AHEAD_KB)
 
 
 def test_mount_unmount_then_remount_keeps_everything(cluster: Cluster):
