@@ -293,7 +293,13 @@ class Flusher:
                 "attrs": attrs_of(node).model_dump(mode="json"),
             }
             item = Item(op, entries)
-            if p.op == "create":
+            writing = (space, p.node) in self.replica.state.unjournaled
+            if p.op == "create" and len(entries) == 1 and writing:
+                # still being written (its content is not journaled yet): the name goes
+                # now, empty, and the content once the file is closed or quiet, rather than
+                # a half-written copy now and the whole again later
+                op["content"] = {"size": 0, "chunks": []}
+            elif p.op == "create":
                 await self._content(item, node, small_uploads)
                 op["content"] = {"size": sum(n for _, n in item.manifest), "chunks": item.manifest}
             elif p.op == "symlink":

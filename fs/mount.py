@@ -339,6 +339,10 @@ async def _widen_read_ahead(initialized, mountpoint: Path) -> None:
     from /proc/self/mountinfo: a stat of the mountpoint here would wait on this very
     process."""
     await initialized.wait()
+    _set_read_ahead(mountpoint)
+
+
+def _set_read_ahead(mountpoint: Path) -> None:
     device = None
     # the kernel lists the mountpoint with symlinks resolved (not the mountpoint itself:
     # resolving that would stat it)

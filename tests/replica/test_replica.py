@@ -16,6 +16,7 @@ import trio
 from backend.http import HttpBackend
 from cache.errors import Corrupt, Offline
 from cache.keys import WrongPassword
+from cache.records import Flag
 from cache.session import Session, load, login
 from loft.protocol import ROOT_NODE as ROOT
 from tests.replica.worker import flood_content
@@ -55,9 +56,36 @@ async def write_new(replica, name: str, data: bytes):
     return node
 
 
+async def until(check, step: float = 0.05) -> None:
+    """Returns once `check()` holds (callers bound the wait)."""
+    while True:
+        if check():
+            return
+        await trio.sleep(step)
+
+
 async def read_path(session: Session, path: str) -> bytes:
     node = session.replica.resolve(path)
     return await session.replica.read(session.replica.home, node.id, 0, node.size + 1)
+
+
+async def test_replica_file_written_while_flushing_is_uploaded_once(devices):
+    # the create goes while the file is still being written: it must not carry a
+    # half-written copy whose last chunk (cut by the end of the data) is sent again
+    home = await devices.add()
+    first, second = random.Random(1).randbytes(3 << 20), random.Random(2).randbytes(3 << 20)
+    backend, opened = counting_session(home)
+    async with opened as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "growing.bin")
+        await r.write(r.home, node.id, 0, first)
+        with trio.fail_after(10):
+            await until(lambda: not r.node(r.home, node.id).flags & Flag.LOCAL)  # created
+        await r.write(r.home, node.id, len(first), second)
+        r.flush(r.home, node.id)
+        await a.sync()
+        assert await read_path(a, "growing.bin") == first + second
+        assert backend.bytes_sent < len(first + second) + 4096
 
 
 async def test_replica_small_edit_of_big_file_uploads_one_chunk(devices, tmp_path):
