@@ -61,7 +61,7 @@ from loft.protocol import (
 log = logging.getLogger(__name__)
 
 MAX_OPS = 2000
-GATHER_SECONDS = 0.2
+GATHER_SECONDS = 0.05
 #: Files up to this size are sealed whole and their chunks sent with the batch's others.
 SMALL_FILE = 4 * 1024 * 1024
 MAX_CONTENT = 256 * 1024 * 1024
