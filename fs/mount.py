@@ -295,6 +295,7 @@ async def _serve(
     from fs.core import Core
     from fs.notify import KernelNotifier
     from fs.operations import Operations
+    from loft import control
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with Session.open(
@@ -318,6 +319,7 @@ async def _serve(
                     await nursery.start(notifier.run)
                     nursery.start_soon(_stop_on_signal, signals)
                     nursery.start_soon(_widen_read_ahead, operations.initialized, mountpoint)
+                    await nursery.start(control.serve, home, session)
                     report("ready")
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()

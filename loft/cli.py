@@ -58,38 +58,47 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from backend.base import (
-            BadCredentials,
-            Forbidden,
-            NotFound,
-            Unauthorized,
-            Unreachable,
-            UserExists,
-        )
-        from cache.errors import ReplicaError
-        from cache.keys import WrongPassword
-        from cache.session import NotLoggedIn
-
         try:
             return fn(*args, **kwargs)
-        except NotLoggedIn:
-            raise click.ClickException(
-                "not logged in: run `loft login SERVER_URL USER` (or `loft signup`)") from None
-        except (WrongPassword, BadCredentials):
-            raise click.ClickException("wrong user name or password") from None
-        except UserExists as exc:
-            raise click.ClickException(exc.message) from None
-        except Unauthorized:
-            raise click.ClickException(
-                "this device's token is no longer valid (revoked?): run `loft login`") from None
-        except Unreachable as exc:
-            raise click.ClickException(f"cannot reach the server: {exc}") from None
-        except (NotFound, Forbidden) as exc:
-            raise click.ClickException(exc.message) from None
-        except ReplicaError as exc:
-            raise click.ClickException(str(exc) or type(exc).__name__) from None
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            message = _user_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
     return wrapper
+
+
+def _user_message(exc: Exception) -> str | None:
+    """The one line for an error a user can act on; None for any other. (The client's
+    modules load here, on error only: a command that needs none of them stays quick.)"""
+    from backend.base import (
+        BadCredentials,
+        Forbidden,
+        NotFound,
+        Unauthorized,
+        Unreachable,
+        UserExists,
+    )
+    from cache.errors import ReplicaError
+    from cache.keys import WrongPassword
+    from cache.session import NotLoggedIn
+
+    if isinstance(exc, NotLoggedIn):
+        return "not logged in: run `loft login SERVER_URL USER` (or `loft signup`)"
+    if isinstance(exc, (WrongPassword, BadCredentials)):
+        return "wrong user name or password"
+    if isinstance(exc, Unauthorized):
+        return "this device's token is no longer valid (revoked?): run `loft login`"
+    if isinstance(exc, Unreachable):
+        return f"cannot reach the server: {exc}"
+    if isinstance(exc, (UserExists, NotFound, Forbidden)):
+        return exc.message
+    if isinstance(exc, ReplicaError):
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def _run(async_fn: Callable[..., Any], *args: Any) -> Any:
@@ -374,28 +383,37 @@ def sync(wait: bool, timeout: float | None) -> None:
     every change the server had when the command started; on timeout, exit 1 and say
     what is still pending.
     """
-    from cache.session import Session, load
-    from cache.status import read_state
+    from loft.control import request_sync
 
     home = _home()
-    load(home)
-    if not wait:
-        click.echo("changes upload in the background while the drive is mounted; "
-                   "use --wait to wait for them")
-        return
-    if read_state(home) is not None:
-        ok = _run(_wait_for_mount_sync, home, timeout)
+    # a running mount answers on its control socket, without loading the client here
+    answer = request_sync(home, timeout) if wait else None
+    if answer is not None:
+        if answer.get("error"):
+            raise click.ClickException(answer["error"])
+        ok = answer["ok"]
     else:
-        async def run() -> bool:
-            import trio
+        from cache.session import Session, load
+        from cache.status import read_state
 
-            async with Session.open(home) as session:
-                with trio.move_on_after(timeout if timeout is not None else float("inf")):
-                    await session.sync()
-                    return True
-            return False
+        load(home)
+        if not wait:
+            click.echo("changes upload in the background while the drive is mounted; "
+                       "use --wait to wait for them")
+            return
+        if read_state(home) is not None:
+            ok = _run(_wait_for_mount_sync, home, timeout)
+        else:
+            async def run() -> bool:
+                import trio
 
-        ok = _run(run)
+                async with Session.open(home) as session:
+                    with trio.move_on_after(timeout if timeout is not None else float("inf")):
+                        await session.sync()
+                        return True
+                return False
+
+            ok = _run(run)
     if not ok:
         from cache.session import load as load_config
         from cache.status import status as compute

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fs.mount import READ_AHEAD_KB, MountError, unmount
+from loft.control import request_sync
 from tests.mount.conftest import LOFT, Cluster, Mount, _env, _wait_gone, wait_for
 
 
@@ -72,6 +75,28 @@ def test_mount_widens_the_kernel_read_ahead(cluster: Cluster):
     device = os.stat(m.path).st_dev
     bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
     assert bdi.read_text().strip() == str(READ_AHEAD_KB)
+
+
+def test_mount_answers_sync_on_its_control_socket(cluster: Cluster):
+    home, other = cluster.account(devices=2)
+    m, seen = cluster.mount(home), cluster.mount(other)
+    (m.path / "f").write_bytes(b"synced" * 10_000)
+    assert request_sync(home, 30) == {"ok": True}
+    assert wait_for(lambda: (seen.path / "f").exists(), timeout=10)
+    # nonsense, and a command that leaves before its answer, leave the mount serving
+    for request in (b"nonsense\n", b'{"op": "sync"}\n'):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(home / "control.sock"))
+            s.sendall(request)
+            if request.startswith(b"nonsense"):
+                answer = json.loads(s.makefile("rb").readline())
+                assert answer["ok"] is False and "bad request" in answer["error"]
+    (m.path / "g").write_bytes(b"again")
+    result = subprocess.run([*LOFT, "sync", "--wait", "--timeout", "30"], env=_env(home),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "in sync", result.stderr
+    assert wait_for(lambda: (seen.path / "g").exists(), timeout=10)
+    assert (seen.path / "g").read_bytes() == b"again"
 
 
 def test_mount_unmount_then_remount_keeps_everything(cluster: Cluster):
