@@ -39,6 +39,7 @@ import math
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -300,18 +301,23 @@ class Peak(threading.Thread):
 class TcpReceived(threading.Thread):
     """Bytes a server received on its established TCP connections to `port` while
     running: tcp_info bytes_received (via `ss`) sampled every 50 ms; a connection that
-    closes keeps its last sample (one that lives less than 50 ms is missed)."""
+    closes keeps its last sample (one that lives less than 50 ms is missed).
+
+    The samples come from one shell loop started on entry, before the measured edit
+    opens its file: a process spawned while the edit holds the file would close its
+    inherited copy of the descriptor at exec, which FUSE reports to the mount as a
+    flush of the file (a close), every 50 ms."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.port = port
-        self._stop_event = threading.Event()
+        self._command = ["ss", "-tinH", "state", "established", f"( sport = :{port} )"]
+        self._loop: subprocess.Popen[str] | None = None
         self._base: dict[str, int] = {}
         self._last: dict[str, int] = {}
 
-    def _sample(self) -> dict[str, int]:
-        command = ["ss", "-tinH", "state", "established", f"( sport = :{self.port} )"]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    @staticmethod
+    def _parse(out: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         peer = None
         for line in out.splitlines():
@@ -322,18 +328,33 @@ class TcpReceived(threading.Thread):
                 counts[peer] = int(m.group(1))
         return counts
 
+    def _sample(self) -> dict[str, int]:
+        return self._parse(
+            subprocess.run(self._command, capture_output=True, text=True, check=True).stdout
+        )
+
     def run(self) -> None:
-        while not self._stop_event.wait(0.05):
-            self._last.update(self._sample())
+        assert self._loop is not None and self._loop.stdout is not None
+        sample: list[str] = []
+        for line in self._loop.stdout:
+            if line.rstrip("\n") == "--":
+                self._last.update(self._parse("".join(sample)))
+                sample = []
+            else:
+                sample.append(line)
 
     def __enter__(self) -> TcpReceived:
         self._base = self._sample()
         self._last = dict(self._base)
+        script = f"while :; do {shlex.join(self._command)}; echo --; sleep 0.05; done"
+        self._loop = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True)
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop_event.set()
+        assert self._loop is not None
+        self._loop.terminate()
+        self._loop.wait()
         self.join()
         self._last.update(self._sample())
 
