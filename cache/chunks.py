@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DECODED_BYTES = 48 * 1024 * 1024
 #: Queued cache inserts past this are written at once rather than in the next burst.
-UNWRITTEN_BYTES = 32 * 1024 * 1024
+UNWRITTEN_BYTES = 16 * 1024 * 1024
 TOUCH_EVERY = 30.0
 FETCH_TIMEOUT = 5.0
 

@@ -329,7 +329,7 @@ def rechunk(
         buf = bytearray()
         buf_start = pos
         while True:
-            want = min(size, buf_start + len(buf) + 4 * MAX_SIZE)
+            want = min(size, buf_start + len(buf) + 2 * MAX_SIZE)
             if buf_start + len(buf) < want:
                 buf += reader.read(buf_start + len(buf), want)
             at_eof = buf_start + len(buf) >= size
