@@ -17,7 +17,7 @@ So the allocator keeps its default thresholds, with two changes:
   at the peak of a 1 GiB round trip. The threads that allocate these buffers hold the
   GIL while they do, so one arena costs no contention (measured: peak RSS 407 -> 279
   MB, upload and download as fast).
-- `run_trimmer` calls malloc_trim(0) whenever the free memory held passes `SLACK`, so
+- `run_trimmer` calls malloc_trim(0) whenever the free memory held grows by `SLACK`, so
   a page is faulted in again at most once per trim, not once per buffer. It checks
   (a 0.4 us call) every `BUSY_SECONDS` while it finds memory to give back, and every
   `IDLE_SECONDS` otherwise.
@@ -82,13 +82,18 @@ def trim() -> None:
 
 
 async def run_trimmer(task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Trims whenever more than SLACK bytes are held free (see the module's doc)."""
+    """Trims whenever the bytes held free grow by SLACK (see the module's doc)."""
     task_status.started()
     if _libc is None:
         return
+    # malloc_trim returns the pages of free blocks but leaves the blocks on the free
+    # lists, so what free_held() counts after a trim is the new baseline
+    baseline = free_held()
     while True:
-        if free_held() > SLACK:
+        if free_held() > baseline + SLACK:
             await trio.to_thread.run_sync(trim)
+            baseline = free_held()
             await trio.sleep(BUSY_SECONDS)
         else:
+            baseline = min(baseline, free_held())
             await trio.sleep(IDLE_SECONDS)
