@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from backend.base import Backend, BadCredentials
+from backend.base import Backend, BackendError, BadCredentials, is_transient
 from backend.http import HttpBackend
 from backend.wrappers import stack
 from cache.chunker import Chunker
@@ -311,4 +311,31 @@ class Session:
                 answer = await self.backend.changes(cursors, wait=0, limit=1)
                 if all(not page.changes for page in answer.spaces.values()) and self.replica.idle():
                     return
+            await trio.sleep(0.02)
+
+    async def sync_to_heads(self) -> None:
+        """Returns once every local change is on the server and the mirror has every
+        change the server had when this was called (its heads then), however busy the
+        space is since. Waits through server outages (the caller bounds the wait)."""
+        while True:
+            try:
+                heads = {s.id: s.head for s in await self.backend.spaces()}
+                break
+            except BackendError as exc:
+                if not is_transient(exc):
+                    raise
+                await trio.sleep(0.5)
+        for space, node in list(self.replica.state.unjournaled):
+            self.replica.flush(space, node)
+        while True:
+            await self.replica.wait_idle()
+            with self.store.read() as t:
+                inflight = t.meta("inflight")
+            cursors = self.reconciler.cursors()
+            if (
+                inflight is None
+                and self.replica.idle()
+                and all(cursors.get(s, -1) >= h for s, h in heads.items())
+            ):
+                return
             await trio.sleep(0.02)

@@ -6,7 +6,8 @@ only its owner can enter). A request is one line of JSON, and so is its answer:
     {"op": "sync", "timeout": 30.0}   ->   {"ok": true}     (false: timed out)
 
 "sync" answers once every local change is on the server and the mirror has every
-change the server had when the request arrived (`Session.sync`).
+change the server had when the request arrived (`Session.sync_to_heads`), waiting
+through server outages until the request's timeout.
 
 Why a socket: without one, the command had to load the client stack (trio, httpx,
 pydantic, LMDB: ~350 ms of imports), ask the server for its heads and poll the store,
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 SOCKET = "control.sock"
 MAX_REQUEST = 4096
+#: How much longer than its timeout the command waits for a mount's answer.
+ANSWER_GRACE = 5.0
 
 
 def request_sync(home: Path, timeout: float | None) -> dict | None:
@@ -42,11 +45,20 @@ def request_sync(home: Path, timeout: float | None) -> dict | None:
             sock.connect(os.fspath(path))
         except OSError:
             return None
-        sock.sendall(json.dumps({"op": "sync", "timeout": timeout}).encode() + b"\n")
-        answer = sock.makefile("rb").readline()
-        if not answer:
+        # the mount answers by its own deadline; this one is for a mount that hangs
+        sock.settimeout(None if timeout is None else timeout + ANSWER_GRACE)
+        try:
+            sock.sendall(json.dumps({"op": "sync", "timeout": timeout}).encode() + b"\n")
+            answer = sock.makefile("rb").readline()
+        except TimeoutError:
+            return {"ok": False}
+        except OSError:
             return None  # the mount went away while we waited
-        return json.loads(answer)
+        try:
+            message = json.loads(answer)
+        except ValueError:
+            return None  # cut short: the mount went away
+        return message if isinstance(message, dict) and "ok" in message else None
     finally:
         sock.close()
 
@@ -90,6 +102,8 @@ async def _answer(stream, session) -> None:
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the command went away (interrupted): nothing to answer
+    except Exception:  # no request may take the mount down
+        log.exception("control socket request failed")
 
 
 async def _handle(stream, session) -> dict | None:
@@ -107,11 +121,11 @@ async def _handle(stream, session) -> dict | None:
             raise ValueError(f"unknown op {message.get('op')!r}")
         timeout = message.get("timeout")
         timeout = float("inf") if timeout is None else float(timeout)
-    except (ValueError, AttributeError, TypeError) as exc:
+    except (ValueError, AttributeError, TypeError, OverflowError, RecursionError) as exc:
         return {"ok": False, "error": f"bad request: {exc}"}
     try:
         with trio.move_on_after(timeout):
-            await session.sync()
+            await session.sync_to_heads()
             return {"ok": True}
     except Exception as exc:  # the mount must outlive any one request
         log.info("sync for the control socket failed: %s", exc)

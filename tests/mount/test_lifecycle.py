@@ -84,11 +84,12 @@ def test_mount_answers_sync_on_its_control_socket(cluster: Cluster):
     assert request_sync(home, 30) == {"ok": True}
     assert wait_for(lambda: (seen.path / "f").exists(), timeout=10)
     # nonsense, and a command that leaves before its answer, leave the mount serving
-    for request in (b"nonsense\n", b'{"op": "sync"}\n'):
+    huge = b'{"op": "sync", "timeout": 1' + b"0" * 400 + b"}\n"  # float() overflows
+    for request in (b"nonsense\n", huge, b"[" * 3000 + b"\n", b'{"op": "sync"}\n'):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(home / "control.sock"))
             s.sendall(request)
-            if request.startswith(b"nonsense"):
+            if request != b'{"op": "sync"}\n':
                 answer = json.loads(s.makefile("rb").readline())
                 assert answer["ok"] is False and "bad request" in answer["error"]
     (m.path / "g").write_bytes(b"again")
