@@ -67,7 +67,6 @@ SMALL_FILE = 4 * 1024 * 1024
 MAX_CONTENT = 256 * 1024 * 1024
 #: Chunks travel in framed batches of about this size, three batches in flight.
 GROUP_BYTES = 8 * 1024 * 1024
-UPLOADERS = 4
 #: Sealing tasks behind one cutting thread (each takes a CPU token of `run_cpu`).
 SEALERS = os.cpu_count() or 1
 VERSIONED = {"mkdir", "create", "symlink", "special", "content", "setattr"}
