@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from probes import machine_cpu, percentile, process_cpu
+from probes import Target, machine_cpu, percentile, process_cpu, warn_if_busy
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -104,18 +104,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Target:
-    """`at_least` (figure >= value) or at most (figure < value)."""
-
-    value: float
-    text: str
-    at_least: bool = True
-
-    def met(self, figure: float) -> bool:
-        return figure >= self.value if self.at_least else figure < self.value
 
 
 @dataclass
@@ -1424,18 +1412,6 @@ def _ensure_tools() -> None:
     )
 
 
-def _warn_if_busy() -> None:
-    before, started = machine_cpu(), time.perf_counter()
-    time.sleep(0.5)
-    busy = (machine_cpu() - before) / (time.perf_counter() - started)
-    if busy > 0.1:
-        print(
-            f"warning: other processes keep {100 * busy:.0f}% of one CPU busy "
-            f"({os.cpu_count()} CPUs here); the figures below will be low and noisy",
-            flush=True,
-        )
-
-
 #: The workloads in the order they run. The tree goes last: a side that misses its time
 #: cap keeps uploading in the background. fio and the edits work on the big file.
 PARTS: dict[str, Callable[[Bench], None]] = {
@@ -1457,7 +1433,7 @@ def run(bench: Bench, parts: Sequence[str]) -> None:
         f"`loft sync --wait` with nothing to do takes {_secs(time.perf_counter() - started)} "
         "(part of every Loft 'until stored' figure)"
     )
-    _warn_if_busy()
+    warn_if_busy()
     for name in parts:
         try:
             PARTS[name](bench)

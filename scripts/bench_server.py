@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 import blake3  # noqa: E402
 import httpx  # noqa: E402
 import trio  # noqa: E402
-from probes import TICK, machine_cpu, percentile, process_cpu  # noqa: E402
+from probes import TICK, Target, machine_cpu, percentile, process_cpu, warn_if_busy  # noqa: E402
 
 from loft.protocol import DIGEST_HEADER, FRAME_HEAD, ROOT_NODE  # noqa: E402
 from tests.api import Api, User, mkdir, new_id  # noqa: E402
@@ -59,18 +59,6 @@ WAKE_TIMEOUT = 10.0
 
 
 # ------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Target:
-    """`at_least` (figure ≥ value) or at most (figure < value)."""
-
-    value: float
-    text: str
-    at_least: bool = True
-
-    def met(self, figure: float) -> bool:
-        return figure >= self.value if self.at_least else figure < self.value
 
 
 @dataclass(frozen=True)
@@ -573,19 +561,6 @@ def print_table(rows: Sequence[Row]) -> None:
         print(line.format(*c))
 
 
-def _warn_if_busy() -> None:
-    """Says so when other processes are using the CPUs the benchmark needs."""
-    before, started = machine_cpu(), time.perf_counter()
-    time.sleep(0.5)
-    busy = (machine_cpu() - before) / (time.perf_counter() - started)
-    if busy > 0.1:
-        print(
-            f"warning: other processes keep {100 * busy:.0f}% of one CPU busy "
-            f"({os.cpu_count()} CPUs here); the figures below will be low and noisy",
-            flush=True,
-        )
-
-
 def _raise_fd_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= wanted:
@@ -648,7 +623,7 @@ def _run_all(server: ServerProcess, settings: Settings, rows: list[Row]) -> None
     server.start()
     assert server.proc is not None
     print(f"server {server.url} (pid {server.proc.pid}), data in {server.data_dir}", flush=True)
-    _warn_if_busy()
+    warn_if_busy()
     with Api(server.url) as api:
         bench = Bench(server.url, server.proc.pid, api.signup(), api.signup(), settings, rows)
     trio.run(run, bench, (bench_commits, bench_chunk_put, bench_batch_put, bench_wake))
