@@ -298,6 +298,22 @@ class Session:
         return written
 
     async def sync(self) -> None:
+        """Returns once every local change is on the server and the mirror has caught up
+        with it (as of when this was called)."""
+        for space, node in list(self.replica.state.unjournaled):
+            self.replica.flush(space, node)
+        while True:
+            await self.replica.wait_idle()
+            with self.store.read() as t:
+                inflight = t.meta("inflight")
+            if inflight is None:
+                cursors = self.reconciler.cursors()
+                answer = await self.backend.changes(cursors, wait=0, limit=1)
+                if all(not page.changes for page in answer.spaces.values()) and self.replica.idle():
+                    return
+            await trio.sleep(0.02)
+
+    async def sync_to_heads(self) -> None:
         """Returns once every local change is on the server and the mirror has every
         change the server had when this was called (its heads then), however busy the
         space is since. Waits through server outages (the caller bounds the wait)."""
@@ -319,8 +335,7 @@ class Session:
             if (
                 inflight is None
                 and self.replica.idle()
-                # spaces this device mirrors (one shared later is not in its store yet)
-                and all(cursors[s] >= h for s, h in heads.items() if s in cursors)
+                and all(cursors.get(s, -1) >= h for s, h in heads.items())
             ):
                 return
             await trio.sleep(0.02)

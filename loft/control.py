@@ -6,7 +6,7 @@ only its owner can enter). A request is one line of JSON, and so is its answer:
     {"op": "sync", "timeout": 30.0}   ->   {"ok": true}     (false: timed out)
 
 "sync" answers once every local change is on the server and the mirror has every
-change the server had when the request arrived (`Session.sync`), waiting
+change the server had when the request arrived (`Session.sync_to_heads`), waiting
 through server outages until the request's timeout.
 
 Why a socket: without one, the command had to load the client stack (trio, httpx,
@@ -125,7 +125,7 @@ async def _handle(stream, session) -> dict | None:
         return {"ok": False, "error": f"bad request: {exc}"}
     try:
         with trio.move_on_after(timeout):
-            await session.sync()
+            await session.sync_to_heads()
             return {"ok": True}
     except Exception as exc:  # the mount must outlive any one request
         log.info("sync for the control socket failed: %s", exc)
