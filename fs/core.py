@@ -145,7 +145,7 @@ class DirHandle:
     key: Key
     #: the listing, taken when reading starts at offset 0; offsets index into it, so
     #: a listing never skips or repeats an entry while the directory changes
-    listing: list[tuple[str, Node]] | None = None
+    listing: list[tuple[str, Node, int]] | None = None
 
 
 @dataclass
@@ -213,6 +213,10 @@ class Core:
 
     def _remember(self, node: Node, parent_ino: int, name: bytes) -> Attrs:
         """Counts one kernel lookup of `node` (reached as `name` in `parent_ino`)."""
+        return self._attrs(self._count_lookup(node, parent_ino, name), node)
+
+    def _count_lookup(self, node: Node, parent_ino: int, name: bytes) -> int:
+        """_remember without the attributes; returns the inode."""
         key = (node.space, node.id)
         ino = self._ino_for(key)
         known = self._known.get(ino)
@@ -222,7 +226,7 @@ class Core:
             self.replica.hold(*key)
         known.lookups += 1
         known.names.add((parent_ino, name))
-        return self._attrs(ino, node)
+        return ino
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
@@ -265,7 +269,7 @@ class Core:
 
     # ------------------------------------------------------------------ attributes
 
-    def _attrs(self, ino: int, node: Node) -> Attrs:
+    def _attrs(self, ino: int, node: Node, nlink: int | None = None) -> Attrs:
         if node.kind == Kind.DIR:
             kind_bits = stat.S_IFDIR
         elif node.kind == Kind.SYMLINK:
@@ -278,7 +282,7 @@ class Core:
         return Attrs(
             ino=ino,
             mode=kind_bits | (node.mode & 0o7777),
-            nlink=self.replica.nlink(node),
+            nlink=self.replica.nlink(node) if nlink is None else nlink,
             uid=node.uid,
             gid=node.gid,
             rdev=node.rdev,
@@ -461,12 +465,12 @@ class Core:
                 return
             start = 2
         for index in range(start - 2, len(handle.listing)):
-            name, node = handle.listing[index]
+            name, node, nlink = handle.listing[index]
             raw = name.encode()
-            attrs = self._attrs(self._ino_for((node.space, node.id)), node)
+            attrs = self._attrs(self._ino_for((node.space, node.id)), node, nlink)
             if not reply(raw, attrs, index + 3):
                 return
-            self._remember(node, handle.ino, raw)
+            self._count_lookup(node, handle.ino, raw)
 
     def _parent_attrs(self, handle: DirHandle) -> Attrs:
         """Attributes for "..": the parent the kernel reached the directory through
@@ -567,9 +571,10 @@ class Core:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
-            # only user.* is ever stored; `ls -l` asks every file for security.selinux,
-            # so answer without reading the node
-            raise NoAttribute(name.decode("utf-8", "surrogateescape"))
+            # Only user.* is stored. EOPNOTSUPP (not ENODATA) tells `ls -l` that the
+            # whole device lacks security.selinux and ACLs: it asks once per listing,
+            # not twice per file (one kernel round trip each).
+            raise NotSupported(name.decode("utf-8", "surrogateescape"))
         node = self._node(ino)
         key = name.decode("utf-8", "surrogateescape")
         if key == "user.loft.state":
