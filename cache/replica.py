@@ -61,6 +61,11 @@ QUIET_SECONDS = 2.0
 Invalidation = tuple[list[tuple[str, str]], list[tuple[str, str, str]]]
 
 
+def _nlink(t: Txn, node: Node) -> int:
+    """Entries leading to the node (1 for directories, 0 once unlinked)."""
+    return 1 if node.kind == Kind.DIR else len(t.entries_of(node.space, node.id))
+
+
 def now_ns() -> int:
     return time.time_ns()
 
@@ -181,22 +186,25 @@ class Replica:
         with self.store.read() as t:
             return self._entry(t, space, parent, name)
 
-    def readdir(self, space: str, parent: str, after: str | None = None) -> list[tuple[str, Node]]:
+    def readdir(
+        self, space: str, parent: str, after: str | None = None
+    ) -> list[tuple[str, Node, int]]:
+        """(name, node, link count) of each entry, in name order, from one snapshot."""
         with self.store.read() as t:
             self._dir(t, space, parent)
             out = []
             for name, child in t.children(space, parent, after):
                 node = t.node(space, child)
                 if node is not None:
-                    out.append((name, node))
+                    out.append((name, node, _nlink(t, node)))
             return out
 
     def nlink(self, node: Node) -> int:
         """Entries leading to the node (1 for directories, 0 once unlinked)."""
         if node.kind == Kind.DIR:
-            return 1
+            return 1  # without opening a transaction
         with self.store.read() as t:
-            return len(t.entries_of(node.space, node.id))
+            return _nlink(t, node)
 
     def cached_bytes(self, node: Node) -> int:
         """Bytes of the file readable without the server: its committed content held

@@ -146,8 +146,8 @@ async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
         await a.sync()
         await b.sync()
         await a.sync()
-        names_a = sorted(n for n, _ in ra.readdir(ra.home, ROOT))
-        names_b = sorted(n for n, _ in rb.readdir(rb.home, ROOT))
+        names_a = sorted(n for n, *_ in ra.readdir(ra.home, ROOT))
+        names_b = sorted(n for n, *_ in rb.readdir(rb.home, ROOT))
         assert names_a == names_b and len(names_a) == 2
         contents = {await read_path(a, n) for n in names_a}
         assert contents == {b"laptop's edit", b"desk's edit!!"}
@@ -195,7 +195,7 @@ async def test_replica_killed_during_flush_drains_without_loss_or_duplicates(dev
     async with Session.open(other) as b:
         await b.sync()
         names = sorted(
-            n for n, _ in b.replica.readdir(b.replica.home, b.replica.resolve("flood").id)
+            n for n, *_ in b.replica.readdir(b.replica.home, b.replica.resolve("flood").id)
         )
         assert names == [f"f{i:05}" for i in range(300)]
         for i in (0, 137, 299):

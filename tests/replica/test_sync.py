@@ -43,5 +43,5 @@ async def test_replicas_sync_create_update_rename_delete(devices):
         rb.unlink(home, docs.id, "hard.txt")
         await b.sync()
         await a.sync()
-        assert [n for n, _ in ra.readdir(home, docs.id)] == []
-        assert sorted(n for n, _ in ra.readdir(home, ROOT)) == ["docs", "link"]
+        assert [n for n, *_ in ra.readdir(home, docs.id)] == []
+        assert sorted(n for n, *_ in ra.readdir(home, ROOT)) == ["docs", "link"]
