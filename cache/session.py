@@ -56,6 +56,15 @@ from loft.protocol import ROOT_NODE, LoginRequest, LoginResponse, SignupRequest
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = 10 * 1024**3
+MAP_CHECK_SECONDS = 0.5
+
+
+async def run_map_keeper(store: Store, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Keeps the pages of LMDB's map this process holds under a budget (MapPages)."""
+    task_status.started()
+    while True:
+        store.mapped.keep_under()
+        await trio.sleep(MAP_CHECK_SECONDS)
 
 
 class NotLoggedIn(ReplicaError):
@@ -258,6 +267,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(allocator.run_trimmer)
+                await nursery.start(run_map_keeper, store)
                 await nursery.start(chunks.run_prefetchers)
                 await nursery.start(replica.run_quiet_journaler)
                 if not read_only:

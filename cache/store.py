@@ -74,7 +74,11 @@ DBS = (
 
 #: bytes read through the map between two releases of its pages (see MapPages)
 RELEASE_EVERY = 32 * 1024 * 1024
+#: file-backed resident bytes (the map, plus the program's own files) past which
+#: `keep_under` releases the map whatever the byte counts say
+MAP_BUDGET = 64 * 1024 * 1024
 _MADV_DONTNEED = 4
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class MapPages:
@@ -108,6 +112,21 @@ class MapPages:
         self.pending += nbytes
         if self.pending >= RELEASE_EVERY:
             self.release()
+
+    def keep_under(self, budget: int = MAP_BUDGET) -> bool:
+        """Releases the map if this process holds more than `budget` bytes of file pages
+        (/proc/self/statm): the counts passed to `touched` miss the B-tree pages that
+        cursors walk, which add up over hours of listings, lookups and deletions.
+        True if it released."""
+        try:
+            with open("/proc/self/statm", "rb") as statm:
+                shared_pages = int(statm.read().split()[2])
+        except (OSError, ValueError, IndexError):
+            return False
+        if shared_pages * PAGE_BYTES <= budget:
+            return False
+        self.release()
+        return True
 
     def release(self) -> None:
         self.pending = 0

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from cache.records import PAGE_SIZE
-from cache.store import RELEASE_EVERY, Store
+from cache.store import MAP_BUDGET, RELEASE_EVERY, Store
 
 SPACE = str(uuid.uuid4())
 
@@ -74,3 +74,25 @@ def test_reading_a_large_file_through_the_store_does_not_stay_resident(tmp_path:
     limit_kib = 2 * RELEASE_EVERY // 1024  # 64 MiB
     assert read_growth < limit_kib, f"{read_growth} KiB stayed mapped after reading 128 MiB"
     assert delete_growth < limit_kib, f"{delete_growth} KiB stayed mapped after deleting"
+
+
+def test_map_pages_walked_without_a_count_are_released_past_the_budget(tmp_path: Path):
+    # B-tree pages that cursors walk are not counted by `touched`; keep_under bounds them
+    store = Store(tmp_path / "store")
+    node = str(uuid.uuid4())
+    pages = (96 << 20) // PAGE_SIZE
+    with store.write() as t:
+        for n in range(pages):
+            t.put_page(SPACE, node, n, os.urandom(64) * (PAGE_SIZE // 64))
+    store.mapped.release()
+    before = _rss_file_kib()
+    with store.read() as t:  # raw reads: nothing is counted
+        walked = sum(len(v) for _, v in t.txn.cursor(db=t.db["pages"]))
+    assert walked == pages * PAGE_SIZE
+    grown = _rss_file_kib() - before
+    assert grown > 64 * 1024, f"only {grown} KiB mapped: the test shows nothing"
+    assert not store.mapped.keep_under(budget=1 << 40)
+    assert store.mapped.keep_under(budget=MAP_BUDGET)
+    after = _rss_file_kib() - before
+    store.close()
+    assert after < 8 * 1024, f"{after} KiB still mapped after keep_under"
