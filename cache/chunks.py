@@ -19,7 +19,7 @@ import trio
 
 from backend.base import Backend, BackendError, is_transient
 from backend.base import NotFound as BackendNotFound
-from cache.codec import ChunkCodec, CorruptChunk
+from cache.codec import ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import Corrupt, NoSpace, Offline
 from cache.store import Store, StoreFull
 
@@ -113,21 +113,24 @@ class ChunkSource:
     async def _load(self, space: str, chunk_id: str) -> bytes:
         codec = self.codec_of(space)
         blob = self._unwritten.get((space, chunk_id)) or self._writing.get((space, chunk_id))
-        if blob is None:
-            with self.store.read() as t:
-                blob = t.chunk(space, chunk_id)
-        if blob is not None:
-            self._touch(space, chunk_id)
-            try:
-                return await codec.open_async(chunk_id, blob)
-            except CorruptChunk as exc:
-                log.warning(
-                    "cached copy of chunk %s is corrupt (%s); fetching it again",
-                    chunk_id,
-                    exc.reason,
-                )
-                with self.store.write() as t:
-                    t.delete_chunk(space, chunk_id)
+        try:
+            if blob is not None:
+                plain = await codec.open_async(chunk_id, blob)
+            else:
+                # read and open in one worker thread: reading a cached chunk faults the
+                # map's pages in from disk, which must not stall the trio thread
+                plain = await run_cpu(self._open_cached, codec, space, chunk_id)
+            if plain is not None:
+                self._touch(space, chunk_id)
+                return plain
+        except CorruptChunk as exc:
+            log.warning(
+                "cached copy of chunk %s is corrupt (%s); fetching it again",
+                chunk_id,
+                exc.reason,
+            )
+            with self.store.write() as t:
+                t.delete_chunk(space, chunk_id)
         blob = await self.fetch(space, chunk_id)
         try:
             plain = await codec.open_async(chunk_id, blob)
@@ -136,6 +139,12 @@ class ChunkSource:
             raise Corrupt(f"chunk {chunk_id} is corrupt: {exc.reason}") from None
         self.cache(space, chunk_id, blob)
         return plain
+
+    def _open_cached(self, codec: ChunkCodec, space: str, chunk_id: str) -> bytes | None:
+        """The plaintext of a chunk in the local cache, None if it is not there."""
+        with self.store.read() as t:
+            blob = t.chunk(space, chunk_id)
+        return None if blob is None else codec.open(chunk_id, blob)
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
         """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""
