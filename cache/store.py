@@ -74,11 +74,20 @@ DBS = (
 
 #: bytes read through the map between two releases of its pages (see MapPages)
 RELEASE_EVERY = 32 * 1024 * 1024
-#: file-backed resident bytes (the map, plus the program's own files) past which
-#: `keep_under` releases the map whatever the byte counts say
+#: file-backed resident bytes over the floor past which `keep_under` releases the map,
+#: whatever the byte counts say
 MAP_BUDGET = 64 * 1024 * 1024
 _MADV_DONTNEED = 4
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_file_bytes() -> int | None:
+    """File-backed (and shared) resident bytes of this process; None off Linux."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[2]) * PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class MapPages:
@@ -96,6 +105,8 @@ class MapPages:
     def __init__(self, data_file: Path) -> None:
         self.span: tuple[int, int] | None = None
         self.pending = 0
+        #: file-backed resident bytes after the last release (see keep_under)
+        self.floor: int | None = None
         try:
             with open("/proc/self/maps") as maps:
                 for line in maps:
@@ -114,18 +125,22 @@ class MapPages:
             self.release()
 
     def keep_under(self, budget: int = MAP_BUDGET) -> bool:
-        """Releases the map if this process holds more than `budget` bytes of file pages
-        (/proc/self/statm): the counts passed to `touched` miss the B-tree pages that
-        cursors walk, which add up over hours of listings, lookups and deletions.
-        True if it released."""
-        try:
-            with open("/proc/self/statm", "rb") as statm:
-                shared_pages = int(statm.read().split()[2])
-        except (OSError, ValueError, IndexError):
+        """Releases the map once this process holds `budget` bytes more file pages
+        (/proc/self/statm) than right after the last release: the counts passed to
+        `touched` miss the B-tree pages that cursors walk, which add up over hours of
+        listings, lookups and deletions. The floor (the program's own files, mostly)
+        is measured, so a large one does not make every call release. True if it
+        released."""
+        shared = _resident_file_bytes()
+        if shared is None:
             return False
-        if shared_pages * PAGE_BYTES <= budget:
+        if self.floor is None:
+            self.floor = shared
+        if shared - self.floor <= budget:
+            self.floor = min(self.floor, shared)
             return False
         self.release()
+        self.floor = _resident_file_bytes() or 0
         return True
 
     def release(self) -> None:
