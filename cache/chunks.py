@@ -141,10 +141,12 @@ class ChunkSource:
         return plain
 
     def _open_cached(self, codec: ChunkCodec, space: str, chunk_id: str) -> bytes | None:
-        """The plaintext of a chunk in the local cache, None if it is not there."""
+        """The plaintext of a chunk in the local cache, None if it is not there. The
+        cache admits only blobs whose content was checked against their id (downloads,
+        pins) or that this device sealed (uploads), so only their seal is checked."""
         with self.store.read() as t:
             blob = t.chunk(space, chunk_id)
-        return None if blob is None else codec.open(chunk_id, blob)
+        return None if blob is None else codec.open(chunk_id, blob, check_content=False)
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
         """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""
@@ -169,7 +171,8 @@ class ChunkSource:
         return blob
 
     def cache(self, space: str, chunk_id: str, blob: bytes) -> None:
-        """Keeps a sealed chunk locally if it fits under the cap. Inserts are written in
+        """Keeps a sealed chunk locally if it fits under the cap; only blobs that passed
+        `open` or were sealed here (see _open_cached). Inserts are written in
         bursts, one transaction each (a synced commit per chunk would cost more than
         the download); until then `_unwritten` serves them."""
         if len(blob) > self.cap:

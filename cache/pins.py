@@ -8,15 +8,35 @@ fetched when read, not ahead of time.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from backend.base import Backend
+from cache.codec import ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import NotFound
 from cache.records import Kind, Node, decode_manifest
 from cache.store import Store, Txn
 from loft.protocol import ROOT_NODE
 
 BATCH = 16
+
+log = logging.getLogger(__name__)
+
+
+def _checked(codec: ChunkCodec, blobs: dict[str, bytes | None]) -> dict[str, bytes]:
+    """The blobs that open as their ids: the cache admits no other (see ChunkSource)."""
+    good = {}
+    for chunk_id, blob in blobs.items():
+        if blob is None:
+            continue
+        try:
+            codec.open(chunk_id, blob)
+        except CorruptChunk as exc:
+            log.warning("chunk %s from the server is corrupt (%s): not pinned", chunk_id,
+                        exc.reason)
+            continue
+        good[chunk_id] = blob
+    return good
 
 
 def resolve(t: Txn, space: str, path: str) -> Node:
@@ -43,7 +63,8 @@ def files_under(t: Txn, node: Node) -> list[Node]:
     return out
 
 
-async def set_pinned(store: Store, backend: Backend, space: str, path: str, pinning: bool,
+async def set_pinned(store: Store, backend: Backend, codec: ChunkCodec, space: str, path: str,
+                     pinning: bool,
                      on_total: Callable[[int], None] = lambda n: None,
                      on_progress: Callable[[int], None] = lambda n: None
                      ) -> tuple[int, int]:
@@ -56,10 +77,10 @@ async def set_pinned(store: Store, backend: Backend, space: str, path: str, pinn
     on_total(sum(chunks[c] for c in wanted))
     for i in range(0, len(wanted), BATCH):
         blobs = await backend.get_chunks(space, wanted[i:i + BATCH])
+        good = await run_cpu(_checked, codec, blobs)
         with store.write() as t:
-            for chunk_id, blob in blobs.items():
-                if blob is not None:
-                    t.put_chunk(space, chunk_id, blob)
+            for chunk_id, blob in good.items():
+                t.put_chunk(space, chunk_id, blob)
         on_progress(sum(chunks[c] for c in blobs))
     with store.write() as t:
         for f in files:

@@ -482,13 +482,15 @@ async def _pin(path: str, pinning: bool) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from backend.wrappers import stack
+    from cache.keys import SpaceKeys
     from cache.pins import set_pinned
     from cache.session import load
     from cache.status import read_state
     from cache.store import Store
 
     home = _home()
-    config, token, _ = load(home)
+    config, token, keyring = load(home)
+    codec = SpaceKeys.from_space_key(keyring.spaces[config.home_space]).codec()
     rel = _workspace_path(path, (read_state(home) or {}).get("mountpoint"))
     store = Store(home / "store")
     backend = stack(config.server, token)
@@ -498,7 +500,7 @@ async def _pin(path: str, pinning: bool) -> None:
         with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
             task = progress.add_task(f"pinning /{rel}", total=None)
             files, size = await set_pinned(
-                store, backend, config.home_space, rel, pinning,
+                store, backend, codec, config.home_space, rel, pinning,
                 on_total=lambda n: progress.update(task, total=n),
                 on_progress=lambda n: progress.advance(task, n))
     finally:

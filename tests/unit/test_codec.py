@@ -207,6 +207,25 @@ def test_codec_authentic_blob_with_other_content_raises_corrupt_chunk(codec: Chu
         codec.open(chunk_id, forged)
 
 
+def test_codec_open_without_the_content_check_still_checks_the_seal(codec: ChunkCodec) -> None:
+    # For blobs checked once already (the local cache): the hash of the content is
+    # skipped, but tampering, another id or another key still fail.
+    chunk_id, blob = codec.seal(TEXT)
+    assert codec.open(chunk_id, blob, check_content=False) == TEXT
+    bad = bytearray(blob)
+    bad[-1] ^= 0x01
+    with pytest.raises(CorruptChunk, match="authentication failed"):
+        codec.open(chunk_id, bytes(bad), check_content=False)
+    with pytest.raises(CorruptChunk, match="authentication failed"):
+        codec.open(codec.chunk_id(b"another"), blob, check_content=False)
+    other = ChunkCodec(ID_KEY, os.urandom(32))
+    with pytest.raises(CorruptChunk, match="authentication failed"):
+        codec.open(chunk_id, other.seal(TEXT)[1], check_content=False)
+    # what it does not catch, and why the cache admits only checked blobs
+    forged = _forge(CONTENT_KEY, bytes.fromhex(chunk_id), b"something else", 0)
+    assert codec.open(chunk_id, forged, check_content=False) == b"something else"
+
+
 @pytest.mark.parametrize("content_size", [True, False], ids=["sized-frame", "unsized-frame"])
 def test_codec_decompression_bomb_is_rejected(codec: ChunkCodec, content_size: bool) -> None:
     bomb = zstandard.ZstdCompressor(level=1, write_content_size=content_size).compress(
