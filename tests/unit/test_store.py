@@ -55,13 +55,19 @@ def test_a_store_without_the_page_index_gets_one_when_opened(tmp_path: Path):
     store.close()
 
 
-def test_reading_a_large_file_through_the_store_does_not_stay_resident(tmp_path: Path):
+def _store_with_file(tmp_path: Path, mib: int) -> tuple[Store, str, int]:
+    """A store holding `mib` MiB of dirty pages of one file: (store, node, pages)."""
     store = Store(tmp_path / "store")
     node = str(uuid.uuid4())
-    pages = (128 << 20) // PAGE_SIZE
+    pages = (mib << 20) // PAGE_SIZE
     with store.write() as t:
         for n in range(pages):
             t.put_page(SPACE, node, n, os.urandom(64) * (PAGE_SIZE // 64))
+    return store, node, pages
+
+
+def test_reading_a_large_file_through_the_store_does_not_stay_resident(tmp_path: Path):
+    store, node, pages = _store_with_file(tmp_path, 128)
     before = _rss_file_kib()
     with store.read() as t:
         for n in range(pages):
@@ -78,12 +84,7 @@ def test_reading_a_large_file_through_the_store_does_not_stay_resident(tmp_path:
 
 def test_map_pages_walked_without_a_count_are_released_past_the_budget(tmp_path: Path):
     # B-tree pages that cursors walk are not counted by `touched`; keep_under bounds them
-    store = Store(tmp_path / "store")
-    node = str(uuid.uuid4())
-    pages = (96 << 20) // PAGE_SIZE
-    with store.write() as t:
-        for n in range(pages):
-            t.put_page(SPACE, node, n, os.urandom(64) * (PAGE_SIZE // 64))
+    store, _, pages = _store_with_file(tmp_path, 96)
     store.mapped.release()
     assert not store.mapped.keep_under()  # measures the floor, as the mount does at start
     before = _rss_file_kib()
