@@ -143,10 +143,13 @@ class ChunkSource:
     def _open_cached(self, codec: ChunkCodec, space: str, chunk_id: str) -> bytes | None:
         """The plaintext of a chunk in the local cache, None if it is not there. The
         cache admits only blobs whose content was checked against their id (downloads,
-        pins) or that this device sealed (uploads), so only their seal is checked."""
+        pins) or that this device sealed (uploads), so only their seal is checked; in a
+        store that may hold blobs cached before that rule, everything is."""
         with self.store.read() as t:
             blob = t.chunk(space, chunk_id)
-        return None if blob is None else codec.open(chunk_id, blob, check_content=False)
+        if blob is None:
+            return None
+        return codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
         """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""

@@ -150,6 +150,12 @@ class MapPages:
             self._madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
+#: set in stores whose chunk cache has held only blobs checked against their ids (see
+#: ChunkSource._open_cached): new stores, and old ones once their cache was empty.
+#: Older versions' `loft pin` cached server blobs unchecked.
+CHUNKS_CHECKED = "chunks_checked"
+
+
 class StoreError(Exception):
     """The local store failed."""
 
@@ -183,6 +189,11 @@ class Store:
                     t = Txn(txn, self.dbs)
                     if not txn.stat(self.dbs["pagekeys"])["entries"]:
                         t.index_pages()
+                    empty = not txn.stat(self.dbs["chunks"])["entries"]
+                    if empty and t.meta(CHUNKS_CHECKED) is None:
+                        t.set_meta(CHUNKS_CHECKED, b"1")
+            with self.env.begin(write=False) as txn:
+                self.chunks_checked = Txn(txn, self.dbs).meta(CHUNKS_CHECKED) is not None
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
         self.mapped = MapPages(Path(os.path.realpath(path / "data.mdb")))

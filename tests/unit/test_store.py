@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from cache.records import PAGE_SIZE
-from cache.store import MAP_BUDGET, RELEASE_EVERY, Store
+from cache.store import CHUNKS_CHECKED, MAP_BUDGET, RELEASE_EVERY, Store
 
 SPACE = str(uuid.uuid4())
 
@@ -99,3 +99,25 @@ def test_map_pages_walked_without_a_count_are_released_past_the_budget(tmp_path:
     assert not store.mapped.keep_under(budget=MAP_BUDGET)  # measured from the new floor
     store.close()
     assert after < 8 * 1024, f"{after} KiB still mapped after keep_under"
+
+
+def test_a_store_whose_cache_may_hold_unchecked_blobs_is_not_trusted(tmp_path: Path):
+    # Before cache hits skipped the content check, `loft pin` cached server blobs
+    # without checking them: a store that held chunks then keeps full checks.
+    store = Store(tmp_path / "store")
+    assert store.chunks_checked  # new: empty
+    with store.write() as t:
+        t.del_meta(CHUNKS_CHECKED)  # as an older version left it
+        t.put_chunk(SPACE, "ab" * 32, b"a blob cached by an older version")
+    store.close()
+    store = Store(tmp_path / "store")
+    assert not store.chunks_checked
+    with store.write() as t:
+        t.delete_chunk(SPACE, "ab" * 32)
+    store.close()
+    store = Store(tmp_path / "store")
+    assert store.chunks_checked  # its cache was empty at open
+    store.close()
+    readonly = Store(tmp_path / "store", readonly=True)
+    assert readonly.chunks_checked
+    readonly.close()
