@@ -310,13 +310,9 @@ class Session:
     async def sync(self) -> None:
         """Returns once every local change is on the server and the mirror has caught up
         with it (as of when this was called)."""
-        for space, node in list(self.replica.state.unjournaled):
-            self.replica.flush(space, node)
+        self._journal_all()
         while True:
-            await self.replica.wait_idle()
-            with self.store.read() as t:
-                inflight = t.meta("inflight")
-            if inflight is None:
+            if await self._drained():
                 cursors = self.reconciler.cursors()
                 answer = await self.backend.changes(cursors, wait=0, limit=1)
                 if all(not page.changes for page in answer.spaces.values()) and self.replica.idle():
@@ -335,17 +331,21 @@ class Session:
                 if not is_transient(exc):
                     raise
                 await trio.sleep(0.5)
+        self._journal_all()
+        while True:
+            if await self._drained() and self.replica.idle():
+                cursors = self.reconciler.cursors()
+                if all(cursors.get(s, -1) >= h for s, h in heads.items()):
+                    return
+            await trio.sleep(0.02)
+
+    def _journal_all(self) -> None:
+        """Journals every file with writes not yet journaled (as a close would)."""
         for space, node in list(self.replica.state.unjournaled):
             self.replica.flush(space, node)
-        while True:
-            await self.replica.wait_idle()
-            with self.store.read() as t:
-                inflight = t.meta("inflight")
-            cursors = self.reconciler.cursors()
-            if (
-                inflight is None
-                and self.replica.idle()
-                and all(cursors.get(s, -1) >= h for s, h in heads.items())
-            ):
-                return
-            await trio.sleep(0.02)
+
+    async def _drained(self) -> bool:
+        """Waits until the replica's services are idle; True if no commit is in flight."""
+        await self.replica.wait_idle()
+        with self.store.read() as t:
+            return t.meta("inflight") is None
