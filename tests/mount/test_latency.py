@@ -189,6 +189,17 @@ def test_latency_second_save_while_the_first_uploads_reaches_the_other_device(
         )
 
 
+def _cut(data: bytes, x0: bytes, x1: bytes) -> str:
+    """The name of a read that matches no whole content: a read that raced the
+    truncation returns a prefix of x0 or x1 ending at a FUSE request boundary (its later
+    requests found the file 10 bytes long; POSIX reads are not atomic against a
+    concurrent truncate on any filesystem); anything else is "unknown"."""
+    for label, whole in (("x1", x1), ("x0", x0)):
+        if data and len(data) % (128 * 1024) == 0 and whole.startswith(data):
+            return f"{label} cut by the truncation"
+    return f"unknown ({len(data)} bytes)"
+
+
 def test_latency_other_device_only_sees_contents_the_writer_had(cluster: Cluster):
     """While a large upload holds up a commit, the file is written and truncated again:
     the other device may lag, but every content it shows is one the writer had."""
@@ -217,15 +228,7 @@ def test_latency_other_device_only_sees_contents_the_writer_had(cluster: Cluster
             data = _read(b / "doc")
         except OSError:
             continue
-        name = names.get(hashlib.sha256(data).hexdigest(), f"unknown ({len(data)} bytes)")
-        for whole, label in ((x1, "x1"), (x0, "x0")):
-            if name.startswith("unknown") and data and whole.startswith(data) and (
-                len(data) % (128 * 1024) == 0
-            ):
-                # a read that raced the truncation: its first requests returned this
-                # content, the next ones found the file 10 bytes long (POSIX reads are
-                # not atomic against a concurrent truncate, on any filesystem)
-                name = f"{label} cut by the truncation"
+        name = names.get(hashlib.sha256(data).hexdigest()) or _cut(data, x0, x1)
         if not seen or seen[-1] != name:
             seen.append(name)
         if name == "x2":
