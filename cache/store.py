@@ -31,6 +31,7 @@ is the only one that imports lmdb; lmdb errors become StoreError (MapFull → St
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import time
@@ -197,6 +198,11 @@ class Store:
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
         self.mapped = MapPages(Path(os.path.realpath(path / "data.mdb")))
+        self._tree_versions = itertools.count(1)
+        #: changes with every committed write transaction that changed a node or an
+        #: entry (read it before a snapshot: what the snapshot shows is at least that
+        #: new); caches of listings and attributes compare it
+        self.tree_version = 0
 
     def close(self) -> None:
         self.env.close()
@@ -213,7 +219,10 @@ class Store:
     def write(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=True) as txn:
-                yield Txn(txn, self.dbs, self.mapped)
+                t = Txn(txn, self.dbs, self.mapped)
+                yield t
+            if t.tree_changed:
+                self.tree_version = next(self._tree_versions)  # atomic across threads
         except lmdb.MapFullError as exc:
             raise StoreFull("the local store is full") from exc
         except lmdb.DiskError as exc:
@@ -235,6 +244,8 @@ class Txn:
         self.txn = txn
         self.db = dbs
         self.mapped = mapped
+        #: a node or an entry was written (see Store.tree_version)
+        self.tree_changed = False
 
     def _mapped(self, nbytes: int) -> None:
         if self.mapped is not None:
@@ -275,9 +286,11 @@ class Txn:
         return Node.decode(space, node, data) if data is not None else None
 
     def put_node(self, node: Node) -> None:
+        self.tree_changed = True
         self.txn.put(node.key, node.encode(), db=self.db["nodes"])
 
     def del_node(self, space: str, node: str) -> None:
+        self.tree_changed = True
         key = raw(space) + raw(node)
         self.txn.delete(key, db=self.db["nodes"])
         self.txn.delete(key, db=self.db["manifests"])
@@ -329,10 +342,12 @@ class Txn:
         return next(self.children(space, parent), None) is not None
 
     def add_entry(self, space: str, parent: str, name: str, node: str) -> None:
+        self.tree_changed = True
         self.txn.put(raw(space) + raw(parent) + name.encode(), raw(node), db=self.db["children"])
         self.txn.put(raw(space) + raw(node) + raw(parent) + name.encode(), b"", db=self.db["links"])
 
     def remove_entry(self, space: str, parent: str, name: str) -> str | None:
+        self.tree_changed = True
         key = raw(space) + raw(parent) + name.encode()
         value = self.txn.pop(key, db=self.db["children"])
         if value is None:
@@ -356,6 +371,7 @@ class Txn:
 
     def clear_space_tree(self, space: str) -> None:
         """Drops the mirror of a space (nodes, manifests, entries); keeps chunks."""
+        self.tree_changed = True
         prefix = raw(space)
         for name in ("nodes", "manifests", "children", "links", "applied"):
             with self.txn.cursor(db=self.db[name]) as cur:

@@ -37,10 +37,11 @@ import logging
 import os
 import stat
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -67,6 +68,8 @@ MAX_NAME = 255
 DRIVE_BYTES = 1 << 50
 STATFS_BLOCK = 4096
 STATFS_FILES = 1 << 32
+#: entries of all the listings Core keeps for re-listing unchanged directories
+LISTING_CACHE_ENTRIES = 50_000
 
 VIRTUAL_XATTRS = ("user.loft.state", "user.loft.cached_bytes")
 CONFLICT_MARK = " (conflicted copy "
@@ -140,12 +143,31 @@ class FileHandle:
 
 
 @dataclass
+class _Entry:
+    """One directory entry as readdir hands it out."""
+
+    name: bytes
+    node: Node
+    nlink: int
+    ino: int
+    #: the attributes as `present_entry` made them
+    presented: Any
+
+
+@dataclass
+class _Listing:
+    #: Store.tree_version read before the snapshot the entries come from
+    version: int
+    entries: list[_Entry]
+
+
+@dataclass
 class DirHandle:
     ino: int
     key: Key
     #: the listing, taken when reading starts at offset 0; offsets index into it, so
     #: a listing never skips or repeats an entry while the directory changes
-    listing: list[tuple[str, Node, int]] | None = None
+    listing: list[_Entry] | None = None
 
 
 @dataclass
@@ -181,6 +203,13 @@ class Core:
         """`data_dir` is where the local store lives (statfs reports its free space)."""
         self.replica = replica
         self.data_dir = data_dir
+        #: what readdir hands out for an entry's Attrs (see present_entries_as)
+        self.present_entry: Callable[[Attrs], Any] = lambda attrs: attrs
+        #: listings of directories, kept while nothing in the tree changes (Store.
+        #: tree_version), least recently listed first; `ls` of an unchanged directory
+        #: costs no store reads and no attribute building
+        self._listings: OrderedDict[Key, _Listing] = OrderedDict()
+        self._listed = 0
         self.root: Key = (replica.home, ROOT_NODE)
         self._known: dict[int, _Known] = {ROOT_INODE: _Known(self.root, lookups=1)}
         self._inos: dict[Key, int] = {self.root: ROOT_INODE}
@@ -213,11 +242,10 @@ class Core:
 
     def _remember(self, node: Node, parent_ino: int, name: bytes) -> Attrs:
         """Counts one kernel lookup of `node` (reached as `name` in `parent_ino`)."""
-        return self._attrs(self._count_lookup(node, parent_ino, name), node)
+        return self._attrs(self._count_lookup((node.space, node.id), parent_ino, name), node)
 
-    def _count_lookup(self, node: Node, parent_ino: int, name: bytes) -> int:
+    def _count_lookup(self, key: Key, parent_ino: int, name: bytes) -> int:
         """_remember without the attributes; returns the inode."""
-        key = (node.space, node.id)
         ino = self._ino_for(key)
         known = self._known.get(ino)
         if known is None:
@@ -446,31 +474,67 @@ class Core:
         self._dirs[fh] = DirHandle(ino, key)
         return fh
 
-    def readdir(self, fh: int, start: int, reply: Callable[[bytes, Attrs, int], bool]) -> None:
+    def present_entries_as(self, present: Callable[[Attrs], Any]) -> None:
+        """Makes readdir hand out `present(attrs)` instead of Attrs: the kernel
+        adapter's form, made once per entry and kept with the listing."""
+        self.present_entry = present
+        self._listings.clear()
+        self._listed = 0
+
+    def readdir(self, fh: int, start: int, reply: Callable[[bytes, Any, int], bool]) -> None:
         """Calls `reply(name, attrs, next offset)` for the entries from offset `start`
         ("." and ".." first) until it returns False; each accepted entry other than
-        the dots counts as a kernel lookup."""
+        the dots counts as a kernel lookup. The attrs are as present_entries_as says."""
         handle = self._dirs.get(fh)
         if handle is None:
             raise BadHandle(f"no directory handle {fh}")
         if start == 0 or handle.listing is None:
-            handle.listing = self.replica.readdir(*handle.key)
+            handle.listing = self._listing(handle.key)
+        present = self.present_entry
         if start == 0:
             here = self.replica.node(*handle.key)
-            if not reply(b".", self._attrs(handle.ino, here), 1):
+            if not reply(b".", present(self._attrs(handle.ino, here)), 1):
                 return
             start = 1
         if start == 1:
-            if not reply(b"..", self._parent_attrs(handle), 2):
+            if not reply(b"..", present(self._parent_attrs(handle)), 2):
                 return
             start = 2
-        for index in range(start - 2, len(handle.listing)):
-            name, node, nlink = handle.listing[index]
-            raw = name.encode()
-            attrs = self._attrs(self._ino_for((node.space, node.id)), node, nlink)
-            if not reply(raw, attrs, index + 3):
+        inos, known = self._inos, self._known
+        listing = handle.listing
+        for index in range(start - 2, len(listing)):
+            entry = listing[index]
+            key = (entry.node.space, entry.node.id)
+            presented = entry.presented
+            ino = inos.get(key)
+            if ino != entry.ino and (ino is not None or entry.ino in known):
+                # the number changed since the listing was made (a collision)
+                presented = present(self._attrs(self._ino_for(key), entry.node, entry.nlink))
+            if not reply(entry.name, presented, index + 3):
                 return
-            self._count_lookup(node, handle.ino, raw)
+            self._count_lookup(key, handle.ino, entry.name)
+
+    def _listing(self, key: Key) -> list[_Entry]:
+        """The directory's entries, from the kept listing while the tree is unchanged."""
+        version = self.replica.store.tree_version  # before the snapshot
+        kept = self._listings.get(key)
+        if kept is not None and kept.version == version:
+            self._listings.move_to_end(key)
+            return kept.entries
+        entries = []
+        for name, node, nlink in self.replica.readdir(*key):
+            ino = self._ino_for((node.space, node.id))
+            presented = self.present_entry(self._attrs(ino, node, nlink))
+            entries.append(_Entry(name.encode(), node, nlink, ino, presented))
+        if kept is not None:
+            self._listed -= len(self._listings.pop(key).entries)
+        if len(entries) <= LISTING_CACHE_ENTRIES:
+            self._listings[key] = _Listing(version, entries)
+            self._listed += len(entries)
+            while self._listed > LISTING_CACHE_ENTRIES:
+                _, dropped = self._listings.popitem(last=False)
+                self._listed -= len(dropped.entries)
+        return entries
 
     def _parent_attrs(self, handle: DirHandle) -> Attrs:
         """Attributes for "..": the parent the kernel reached the directory through

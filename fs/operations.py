@@ -10,6 +10,7 @@ timeouts only bound how stale a missed invalidation can make things.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -56,6 +57,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, core: Core) -> None:
         super().__init__()
         self.core = core
+        core.present_entries_as(entry)  # readdir replies with kept EntryAttributes
         #: set once the kernel's handshake is answered (pyfuse3 calls init() just before)
         self.initialized = trio.Event()
 
@@ -169,13 +171,7 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         with errnos("readdir"):
-            self.core.readdir(
-                fh,
-                start_id,
-                lambda name, attrs, next_id: pyfuse3.readdir_reply(
-                    token, name, entry(attrs), next_id
-                ),
-            )
+            self.core.readdir(fh, start_id, functools.partial(pyfuse3.readdir_reply, token))
 
     async def releasedir(self, fh):
         with errnos("releasedir"):

@@ -92,6 +92,40 @@ async def test_core_readdir_offsets_never_skip_or_repeat(home):
         core.forget([(ino, 1) for _, ino, _ in first + rest])
 
 
+def _listed(core: Core, ino: int) -> dict:
+    """name: attrs of a whole listing, without the dots."""
+    seen: list = []
+    fh = core.opendir(ino)
+    core.readdir(fh, 0, lambda name, attrs, next_id: seen.append((name, attrs)) or True)
+    core.releasedir(fh)
+    return dict(seen[2:])
+
+
+async def test_core_relists_an_unchanged_directory_from_memory_and_sees_every_change(home):
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        core.present_entries_as(lambda attrs: [attrs])  # as the adapter: its own objects
+        d = core.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        fh, f = core.create(d.ino, b"f", 0o644, os.O_RDWR, 0, 0)
+        core.mkdir(d.ino, b"sub", 0o755, 0, 0)
+        first = _listed(core, d.ino)
+        assert set(first) == {b"f", b"sub"} and first[b"f"][0].size == 0
+        again = _listed(core, d.ino)
+        assert again[b"f"] is first[b"f"]  # kept, not rebuilt
+        await core.write(fh, 0, b"12345")
+        assert _listed(core, d.ino)[b"f"][0].size == 5
+        core.rmdir(d.ino, b"sub")
+        assert set(_listed(core, d.ino)) == {b"f"}
+        # a change the core did not make (the reconciler applies remote ones the same way)
+        space, d_node = core.key_of(d.ino)
+        session.replica.mkdir(space, d_node, "from elsewhere")
+        listed = _listed(core, d.ino)
+        assert set(listed) == {b"f", b"from elsewhere"}
+        core.link(f.ino, ROOT_INODE, b"f2")
+        assert _listed(core, d.ino)[b"f"][0].nlink == 2
+        core.release(fh)
+
+
 async def test_core_unlinked_file_lives_until_released_and_forgotten(home):
     async with Session.open(home) as session:
         core = Core(session.replica, home)

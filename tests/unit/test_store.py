@@ -6,8 +6,11 @@ import os
 import uuid
 from pathlib import Path
 
-from cache.records import PAGE_SIZE
+import pytest
+
+from cache.records import PAGE_SIZE, Kind, Node
 from cache.store import CHUNKS_CHECKED, MAP_BUDGET, RELEASE_EVERY, Store
+from loft.protocol import ROOT_NODE
 
 SPACE = str(uuid.uuid4())
 
@@ -121,3 +124,35 @@ def test_a_store_whose_cache_may_hold_unchecked_blobs_is_not_trusted(tmp_path: P
     readonly = Store(tmp_path / "store", readonly=True)
     assert readonly.chunks_checked
     readonly.close()
+
+
+def test_the_tree_version_moves_with_nodes_and_entries_only(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    node = Node(SPACE, str(uuid.uuid4()), Kind.FILE)
+    seen = [store.tree_version]
+
+    def moved() -> bool:
+        seen.append(store.tree_version)
+        return seen[-1] != seen[-2]
+
+    with store.write() as t:
+        t.set_meta("k", b"v")
+        t.put_chunk(SPACE, "cd" * 32, b"blob")
+    assert not moved()
+    with store.write() as t:
+        t.put_node(node)
+    assert moved()
+    with store.write() as t:
+        t.add_entry(SPACE, ROOT_NODE, "f", node.id)
+    assert moved()
+    with store.write() as t:
+        t.remove_entry(SPACE, ROOT_NODE, "f")
+    assert moved()
+    with pytest.raises(RuntimeError), store.write() as t:
+        t.del_node(SPACE, node.id)
+        raise RuntimeError("aborted: nothing changed")
+    assert not moved()
+    with store.write() as t:
+        t.del_node(SPACE, node.id)
+    assert moved()
+    store.close()
