@@ -208,6 +208,8 @@ class Flusher:
     # ------------------------------------------------------------------ building
 
     async def _build(self) -> Batch | None:
+        # files closed since the burst began go with their creates (see close_written)
+        self.replica.journal_closed()
         with self.store.read() as t:
             window = t.journal(limit=MAX_OPS)
             if not window:

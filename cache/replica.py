@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -55,6 +55,9 @@ from loft.protocol import ROOT_NODE, check_name
 log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 2.0
+#: how long the content of a file closed after writing waits to be journaled, together
+#: with every other file closed meanwhile (one synced transaction for a burst of closes)
+CLOSE_LINGER = 0.02
 
 #: (space, node) pairs whose kernel caches must be dropped, and (space, parent, name)
 #: entries whose kernel lookups must be dropped.
@@ -80,6 +83,8 @@ class ReplicaState:
     )
     #: nodes written since they were last journaled, with the time of the last write
     unjournaled: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: those of them whose writer closed the file: journaled within CLOSE_LINGER
+    closed: set[tuple[str, str]] = field(default_factory=set)
     #: open handles per node (a node without entries lives while held)
     held: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: spaces whose mirror must be rebuilt from a snapshot once nothing is pending
@@ -110,6 +115,7 @@ class Replica:
         self._locks: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
         self._journal_event = trio.Event()
         self._quiet_event = trio.Event()
+        self._closed_event = trio.Event()
         self.listeners: list[Callable[[Invalidation], None]] = []
         self._rebuild_state()
 
@@ -621,14 +627,39 @@ class Replica:
         return node
 
     def flush(self, space: str, node_id: str) -> None:
-        """Journals the file's content if it has unjournaled writes (close, fsync)."""
-        if self.state.unjournaled.pop((space, node_id), None) is None:
-            return
-        if self.state.pending[(space, node_id)]["content"]:
+        """Journals the file's content now if it has unjournaled writes (fsync)."""
+        self.journal_writes([(space, node_id)])
+
+    def journal_writes(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Journals the content of those files that have unjournaled writes, in one
+        transaction."""
+        todo = []
+        for key in list(keys):
+            self.state.closed.discard(key)
+            written = self.state.unjournaled.pop(key, None) is not None
+            if written and not self.state.pending[key]["content"]:
+                todo.append(key)
+        if not todo:
             return
         with self.store.write() as t:
-            if t.node(space, node_id) is not None:
-                self.journal(t, Pending("content", space, node_id))
+            for space, node_id in todo:
+                if t.node(space, node_id) is not None:
+                    self.journal(t, Pending("content", space, node_id))
+
+    def journal_closed(self) -> None:
+        """Journals now what close_written left for the quiet journaler."""
+        self.journal_writes(self.state.closed)
+
+    def close_written(self, space: str, node_id: str) -> None:
+        """A handle that wrote the file was closed: its content is journaled within
+        CLOSE_LINGER, with the other files closed meanwhile, rather than in a synced
+        transaction of its own before close(2) returns. Nothing waits on that
+        transaction: the writes are durable already, and a DIRTY node without a
+        journaled content is journaled when the replica opens (_rebuild_state)."""
+        key = (space, node_id)
+        if key in self.state.unjournaled:
+            self.state.closed.add(key)
+            self._closed_event.set()
 
     def fsync(self, space: str, node_id: str) -> None:
         """Makes the file's writes durable locally (they are: each write is a synced
@@ -636,14 +667,17 @@ class Replica:
         self.flush(space, node_id)
 
     async def run_quiet_journaler(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Journals files nobody has written to for QUIET_SECONDS."""
+        """Journals files closed after writing (see close_written) and files nobody has
+        written to for QUIET_SECONDS."""
         task_status.started()
         while True:
-            await trio.sleep(QUIET_SECONDS / 4)
+            with trio.move_on_after(QUIET_SECONDS / 4):
+                await self._closed_event.wait()
+                await trio.sleep(CLOSE_LINGER)  # let the burst of closes gather
+            self._closed_event = trio.Event()
             cutoff = time.monotonic() - QUIET_SECONDS
-            for (space, node_id), last in list(self.state.unjournaled.items()):
-                if last <= cutoff:
-                    self.flush(space, node_id)
+            quiet = [key for key, last in self.state.unjournaled.items() if last <= cutoff]
+            self.journal_writes([*self.state.closed, *quiet])
 
     # ------------------------------------------------------------------ handles
 

@@ -341,8 +341,7 @@ class Session:
 
     def _journal_all(self) -> None:
         """Journals every file with writes not yet journaled (as a close would)."""
-        for space, node in list(self.replica.state.unjournaled):
-            self.replica.flush(space, node)
+        self.replica.journal_writes(self.replica.state.unjournaled)
 
     async def _drained(self) -> bool:
         """Waits until the replica's services are idle; True if no commit is in flight."""

@@ -614,7 +614,7 @@ class Core:
     def flush(self, fh: int) -> None:
         handle = self._handle(fh)
         if handle.written:
-            self.replica.flush(*handle.key)
+            self.replica.close_written(*handle.key)
 
     def fsync(self, fh: int) -> None:
         self.replica.fsync(*self._handle(fh).key)
@@ -624,7 +624,7 @@ class Core:
         if handle is None:
             return
         if handle.written:
-            self.replica.flush(*handle.key)
+            self.replica.close_written(*handle.key)
         self._open_count[handle.ino] -= 1
         if self._open_count[handle.ino] <= 0:
             del self._open_count[handle.ino]

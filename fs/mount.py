@@ -376,8 +376,7 @@ async def _drain(session) -> None:
     import trio
 
     replica = session.replica
-    for space, node in list(replica.state.unjournaled):
-        replica.flush(space, node)
+    replica.journal_writes(replica.state.unjournaled)
     if replica.read_only or not replica.net.online or replica.idle():
         return
     with trio.move_on_after(DRAIN_SECONDS):
