@@ -18,6 +18,7 @@ from cache.errors import Corrupt, Offline
 from cache.keys import WrongPassword
 from cache.records import Flag
 from cache.session import Session, load, login
+from cache.store import Store
 from loft.protocol import ROOT_NODE as ROOT
 from tests.replica.worker import flood_content
 
@@ -203,6 +204,31 @@ async def test_replica_killed_during_flush_drains_without_loss_or_duplicates(dev
         history = await b.backend.changes({b.replica.home: 0}, wait=0, limit=5000)
         creates = [c.name for c in history.spaces[b.replica.home].changes if c.op == "create"]
         assert len(creates) == len(set(creates)) == 300
+
+
+async def test_replica_closes_not_yet_journaled_when_killed_are_uploaded_at_reopen(devices):
+    # a close journals the file's content a moment later, together with other closes;
+    # a device stopped in between still has the writes, and journals them when it opens
+    home = await devices.add()
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.replica.worker", "closed", str(home), "20", "10000"],
+        env={**os.environ, "LOFT_TEST_FAST_KDF": "1"},
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL
+    store = Store(home / "store", readonly=True)
+    try:
+        with store.read() as t:
+            assert not [p for _, p in t.journal() if p.op == "content"]
+    finally:
+        store.close()
+    async with Session.open(home) as a:
+        await a.sync()
+    other = await devices.add("checker")
+    async with Session.open(other) as b:
+        await b.sync()
+        for i in range(20):
+            assert await read_path(b, f"closed/f{i:05}") == flood_content(i, 10000)
 
 
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
