@@ -68,8 +68,9 @@ MAX_NAME = 255
 DRIVE_BYTES = 1 << 50
 STATFS_BLOCK = 4096
 STATFS_FILES = 1 << 32
-#: entries of all the listings Core keeps for re-listing unchanged directories
-LISTING_CACHE_ENTRIES = 50_000
+#: entries of all the listings Core keeps for re-listing unchanged directories (about
+#: 0.75 KB each, its node included)
+LISTING_CACHE_ENTRIES = 20_000
 
 VIRTUAL_XATTRS = ("user.loft.state", "user.loft.cached_bytes")
 CONFLICT_MARK = " (conflicted copy "
@@ -142,7 +143,7 @@ class FileHandle:
     written: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     """One directory entry as readdir hands it out."""
 
