@@ -49,7 +49,7 @@ from cache.records import (
     decode_manifest,
     encode_manifest,
 )
-from cache.store import Store, Txn
+from cache.store import Store, StoreFull, Txn
 from loft.protocol import ROOT_NODE, check_name
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ class ReplicaState:
     )
     #: nodes written since they were last journaled, with the time of the last write
     unjournaled: dict[tuple[str, str], float] = field(default_factory=dict)
-    #: those of them whose writer closed the file: journaled within CLOSE_LINGER
-    closed: set[tuple[str, str]] = field(default_factory=set)
+    #: those of them whose writer closed the file, in the order of the closes: journaled
+    #: within CLOSE_LINGER (see close_written)
+    closed: dict[tuple[str, str], None] = field(default_factory=dict)
     #: open handles per node (a node without entries lives while held)
     held: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: spaces whose mirror must be rebuilt from a snapshot once nothing is pending
@@ -131,7 +132,19 @@ class Replica:
                 self.state.unjournaled[(node.space, node.id)] = 0.0  # journal at once
 
     def journal(self, t: Txn, entry: Pending) -> None:
-        """Appends to the journal inside the caller's transaction."""
+        """Appends to the journal inside the caller's transaction. A file closed after
+        writing whose content close_written has not journaled yet gets its content
+        entry first, so that the journal keeps the order of events: a save through a
+        temporary name is create, content, rename, and travels as one create."""
+        key = (entry.space, entry.node)
+        if key in self.state.closed:
+            del self.state.closed[key]
+            written = self.state.unjournaled.pop(key, None) is not None
+            if written and not self.state.pending[key]["content"]:
+                self._append(t, Pending("content", *key))
+        self._append(t, entry)
+
+    def _append(self, t: Txn, entry: Pending) -> None:
         t.journal_append(entry)
         self.state.pending[(entry.space, entry.node)][entry.op] += 1
         self._journal_event.set()
@@ -589,7 +602,7 @@ class Replica:
                         flags=node.flags | Flag.DIRTY,
                     )
                 )
-        self.state.unjournaled[(space, node_id)] = time.monotonic()
+        self._written(space, node_id)
         return len(data)
 
     async def truncate(self, space: str, node_id: str, size: int) -> Node:
@@ -623,8 +636,14 @@ class Replica:
                     flags=node.flags | Flag.DIRTY,
                 )
                 t.put_node(node)
-        self.state.unjournaled[(space, node_id)] = time.monotonic()
+        self._written(space, node_id)
         return node
+
+    def _written(self, space: str, node_id: str) -> None:
+        """A write or truncation committed: the file is being written (again), so its
+        content is journaled at the next close or once it is quiet."""
+        self.state.unjournaled[(space, node_id)] = time.monotonic()
+        self.state.closed.pop((space, node_id), None)
 
     def flush(self, space: str, node_id: str) -> None:
         """Journals the file's content now if it has unjournaled writes (fsync)."""
@@ -632,33 +651,42 @@ class Replica:
 
     def journal_writes(self, keys: Iterable[tuple[str, str]]) -> None:
         """Journals the content of those files that have unjournaled writes, in one
-        transaction."""
-        todo = []
-        for key in list(keys):
-            self.state.closed.discard(key)
-            written = self.state.unjournaled.pop(key, None) is not None
-            if written and not self.state.pending[key]["content"]:
-                todo.append(key)
-        if not todo:
-            return
-        with self.store.write() as t:
-            for space, node_id in todo:
-                if t.node(space, node_id) is not None:
-                    self.journal(t, Pending("content", space, node_id))
+        transaction. Raises StoreFull, and then the files stay as they were."""
+        keys = list(dict.fromkeys(key for key in keys if key in self.state.unjournaled))
+        todo = [key for key in keys if not self.state.pending[key]["content"]]
+        if todo:
+            with self.store.write() as t:
+                todo = [key for key in todo if t.node(*key) is not None]
+                for key in todo:
+                    t.journal_append(Pending("content", *key))
+        # no checkpoint from the commit to here: nothing was journaled in between
+        for key in keys:
+            del self.state.unjournaled[key]
+            self.state.closed.pop(key, None)
+        for key in todo:
+            self.state.pending[key]["content"] += 1
+        if todo:
+            self._journal_event.set()
 
     def journal_closed(self) -> None:
-        """Journals now what close_written left for the quiet journaler."""
-        self.journal_writes(self.state.closed)
+        """Journals now what close_written left for the quiet journaler (which tries
+        again on a full disk)."""
+        try:
+            self.journal_writes(self.state.closed)
+        except StoreFull as exc:
+            log.warning("closed files wait to be journaled: %s", exc)
 
     def close_written(self, space: str, node_id: str) -> None:
         """A handle that wrote the file was closed: its content is journaled within
-        CLOSE_LINGER, with the other files closed meanwhile, rather than in a synced
-        transaction of its own before close(2) returns. Nothing waits on that
-        transaction: the writes are durable already, and a DIRTY node without a
-        journaled content is journaled when the replica opens (_rebuild_state)."""
+        CLOSE_LINGER, with the other files closed meanwhile (or before any later op on
+        the file, see journal), rather than in a synced transaction of its own before
+        close(2) returns. The writes are in the store already; on a system crash in
+        those milliseconds (LMDB's metasync=False: the last commit may roll back) the
+        device keeps what a crash keeps of any unsynced file, and a DIRTY node without
+        a journaled content is journaled when the replica opens (_rebuild_state)."""
         key = (space, node_id)
         if key in self.state.unjournaled:
-            self.state.closed.add(key)
+            self.state.closed[key] = None
             self._closed_event.set()
 
     def fsync(self, space: str, node_id: str) -> None:
@@ -674,10 +702,15 @@ class Replica:
             with trio.move_on_after(QUIET_SECONDS / 4):
                 await self._closed_event.wait()
                 await trio.sleep(CLOSE_LINGER)  # let the burst of closes gather
+            # no checkpoint from here to the journaling: a close after the new event
+            # sets it, a close before is in `closed`
             self._closed_event = trio.Event()
             cutoff = time.monotonic() - QUIET_SECONDS
             quiet = [key for key, last in self.state.unjournaled.items() if last <= cutoff]
-            self.journal_writes([*self.state.closed, *quiet])
+            try:
+                self.journal_writes([*self.state.closed, *quiet])
+            except StoreFull as exc:
+                log.warning("written files wait to be journaled: %s", exc)
 
     # ------------------------------------------------------------------ handles
 

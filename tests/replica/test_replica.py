@@ -231,6 +231,26 @@ async def test_replica_closes_not_yet_journaled_when_killed_are_uploaded_at_reop
             assert await read_path(b, f"closed/f{i:05}") == flood_content(i, 10000)
 
 
+async def test_replica_save_through_a_temporary_name_is_one_version(devices):
+    # rsync and atomic savers: write a temporary file, close it, set its times, rename
+    # it over the real name, all within the moment a close waits to be journaled
+    home = await devices.add()
+    async with Session.open(home) as a:
+        r = a.replica
+        for i in range(3):
+            node = r.create(r.home, ROOT, f".save{i}.tmp")
+            await r.write(r.home, node.id, 0, b"saved %d" % i)
+            r.close_written(r.home, node.id)
+            r.setattr(r.home, node.id, mtime_ns=1_000_000_000)
+            r.rename(r.home, ROOT, f".save{i}.tmp", ROOT, f"save{i}")
+        await a.sync()
+        history = await a.backend.changes({r.home: 0}, wait=0, limit=100)
+        ops = [c.op for c in history.spaces[r.home].changes]
+        assert ops.count("create") == 3 and "update" not in ops, ops
+        for i in range(3):
+            assert await read_path(a, f"save{i}") == b"saved %d" % i
+
+
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
     devices, server, tmp_path, allow_error_logs
 ):
