@@ -32,6 +32,7 @@ Exceptions raised here, besides the replica's (cache/errors.py):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -69,7 +70,7 @@ DRIVE_BYTES = 1 << 50
 STATFS_BLOCK = 4096
 STATFS_FILES = 1 << 32
 #: entries of all the listings Core keeps for re-listing unchanged directories (about
-#: 0.75 KB each, its node included)
+#: 0.7 KB each)
 LISTING_CACHE_ENTRIES = 20_000
 
 VIRTUAL_XATTRS = ("user.loft.state", "user.loft.cached_bytes")
@@ -148,16 +149,17 @@ class _Entry:
     """One directory entry as readdir hands it out."""
 
     name: bytes
-    node: Node
-    nlink: int
-    ino: int
+    key: Key
+    attrs: Attrs
     #: the attributes as `present_entry` made them
     presented: Any
 
 
 @dataclass
 class _Listing:
-    #: Store.tree_version read before the snapshot the entries come from
+    """A directory's entries as of one snapshot of the store."""
+
+    #: Store.tree_version read before the snapshot
     version: int
     entries: list[_Entry]
 
@@ -179,6 +181,11 @@ class _Known:
     lookups: int = 0
     #: (parent inode, name) of the entries the kernel resolved to this inode
     names: set[tuple[int, bytes]] = field(default_factory=set)
+
+
+def _cost(listing: _Listing) -> int:
+    """What a kept listing counts against LISTING_CACHE_ENTRIES: an empty one too."""
+    return len(listing.entries) + 1
 
 
 def _hash_ino(key: Key) -> int:
@@ -210,6 +217,7 @@ class Core:
         #: tree_version), least recently listed first; `ls` of an unchanged directory
         #: costs no store reads and no attribute building
         self._listings: OrderedDict[Key, _Listing] = OrderedDict()
+        #: what the kept listings count against LISTING_CACHE_ENTRIES (see _cost)
         self._listed = 0
         self.root: Key = (replica.home, ROOT_NODE)
         self._known: dict[int, _Known] = {ROOT_INODE: _Known(self.root, lookups=1)}
@@ -501,19 +509,18 @@ class Core:
             if not reply(b"..", present(self._parent_attrs(handle)), 2):
                 return
             start = 2
-        inos, known = self._inos, self._known
+        inos = self._inos
         listing = handle.listing
         for index in range(start - 2, len(listing)):
             entry = listing[index]
-            key = (entry.node.space, entry.node.id)
             presented = entry.presented
-            ino = inos.get(key)
-            if ino != entry.ino and (ino is not None or entry.ino in known):
+            ino = inos.get(entry.key) or self._ino_for(entry.key)
+            if ino != entry.attrs.ino:
                 # the number changed since the listing was made (a collision)
-                presented = present(self._attrs(self._ino_for(key), entry.node, entry.nlink))
+                presented = present(dataclasses.replace(entry.attrs, ino=ino))
             if not reply(entry.name, presented, index + 3):
                 return
-            self._count_lookup(key, handle.ino, entry.name)
+            self._count_lookup(entry.key, handle.ino, entry.name)
 
     def _listing(self, key: Key) -> list[_Entry]:
         """The directory's entries, from the kept listing while the tree is unchanged."""
@@ -524,17 +531,18 @@ class Core:
             return kept.entries
         entries = []
         for name, node, nlink in self.replica.readdir(*key):
-            ino = self._ino_for((node.space, node.id))
-            presented = self.present_entry(self._attrs(ino, node, nlink))
-            entries.append(_Entry(name.encode(), node, nlink, ino, presented))
+            child = (node.space, node.id)
+            attrs = self._attrs(self._ino_for(child), node, nlink)
+            entries.append(_Entry(name.encode(), child, attrs, self.present_entry(attrs)))
         if kept is not None:
-            self._listed -= len(self._listings.pop(key).entries)
-        if len(entries) <= LISTING_CACHE_ENTRIES:
-            self._listings[key] = _Listing(version, entries)
-            self._listed += len(entries)
+            self._listed -= _cost(self._listings.pop(key))
+        listing = _Listing(version, entries)
+        if _cost(listing) <= LISTING_CACHE_ENTRIES:
+            self._listings[key] = listing
+            self._listed += _cost(listing)
             while self._listed > LISTING_CACHE_ENTRIES:
                 _, dropped = self._listings.popitem(last=False)
-                self._listed -= len(dropped.entries)
+                self._listed -= _cost(dropped)
         return entries
 
     def _parent_attrs(self, handle: DirHandle) -> Attrs:
