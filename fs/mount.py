@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import os
 import re
@@ -320,6 +321,11 @@ async def _serve(
                     nursery.start_soon(_stop_on_signal, signals)
                     nursery.start_soon(_widen_read_ahead, operations.initialized, mountpoint)
                     await nursery.start(control.serve, home, session)
+                    # what exists now (modules, models, the session) lives as long as the
+                    # mount: keep it out of the collector's full passes, which a burst of
+                    # long-lived objects (a listing of thousands of entries) triggers
+                    gc.collect()
+                    gc.freeze()
                     report("ready")
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
