@@ -128,8 +128,14 @@ class Replica:
                 self.state.pending[(p.space, p.node)][p.op] += 1
             dirty = [n for space in t.spaces() for n in t.nodes(space) if n.flags & Flag.DIRTY]
         for node in dirty:
-            if not self.state.pending[(node.space, node.id)]["content"]:
+            if not self._content_pending((node.space, node.id)):
                 self.state.unjournaled[(node.space, node.id)] = 0.0  # journal at once
+
+    def _content_pending(self, key: tuple[str, str]) -> bool:
+        """The journal holds a content entry for the node (which will send its writes
+        as they are when the flusher reads them)."""
+        counts = self.state.pending.get(key)
+        return bool(counts and counts["content"])
 
     def journal(self, t: Txn, entry: Pending) -> None:
         """Appends to the journal inside the caller's transaction. A file closed after
@@ -140,7 +146,7 @@ class Replica:
         if key in self.state.closed:
             del self.state.closed[key]
             written = self.state.unjournaled.pop(key, None) is not None
-            if written and not self.state.pending[key]["content"]:
+            if written and not self._content_pending(key):
                 self._append(t, Pending("content", *key))
         self._append(t, entry)
 
@@ -653,7 +659,7 @@ class Replica:
         """Journals the content of those files that have unjournaled writes, in one
         transaction. Raises StoreFull, and then the files stay as they were."""
         keys = list(dict.fromkeys(key for key in keys if key in self.state.unjournaled))
-        todo = [key for key in keys if not self.state.pending[key]["content"]]
+        todo = [key for key in keys if not self._content_pending(key)]
         if todo:
             with self.store.write() as t:
                 todo = [key for key in todo if t.node(*key) is not None]
@@ -668,13 +674,18 @@ class Replica:
         if todo:
             self._journal_event.set()
 
-    def journal_closed(self) -> None:
-        """Journals now what close_written left for the quiet journaler (which tries
-        again on a full disk)."""
+    def journal_all(self) -> None:
+        """Journals every file with unjournaled writes, as its close would (sync,
+        unmount)."""
+        self.journal_writes(self.state.unjournaled)
+
+    def journal_closed(self, also: Iterable[tuple[str, str]] = ()) -> None:
+        """Journals now what close_written left for the quiet journaler, and the files
+        `also`; on a full disk they wait for the journaler's next round."""
         try:
-            self.journal_writes(self.state.closed)
+            self.journal_writes([*self.state.closed, *also])
         except StoreFull as exc:
-            log.warning("closed files wait to be journaled: %s", exc)
+            log.warning("written files wait to be journaled: %s", exc)
 
     def close_written(self, space: str, node_id: str) -> None:
         """A handle that wrote the file was closed: its content is journaled within
@@ -706,11 +717,9 @@ class Replica:
             # sets it, a close before is in `closed`
             self._closed_event = trio.Event()
             cutoff = time.monotonic() - QUIET_SECONDS
-            quiet = [key for key, last in self.state.unjournaled.items() if last <= cutoff]
-            try:
-                self.journal_writes([*self.state.closed, *quiet])
-            except StoreFull as exc:
-                log.warning("written files wait to be journaled: %s", exc)
+            self.journal_closed(
+                [key for key, last in self.state.unjournaled.items() if last <= cutoff]
+            )
 
     # ------------------------------------------------------------------ handles
 

@@ -310,7 +310,7 @@ class Session:
     async def sync(self) -> None:
         """Returns once every local change is on the server and the mirror has caught up
         with it (as of when this was called)."""
-        self._journal_all()
+        self.replica.journal_all()
         while True:
             if await self._drained():
                 cursors = self.reconciler.cursors()
@@ -331,17 +331,13 @@ class Session:
                 if not is_transient(exc):
                     raise
                 await trio.sleep(0.5)
-        self._journal_all()
+        self.replica.journal_all()
         while True:
             if await self._drained() and self.replica.idle():
                 cursors = self.reconciler.cursors()
                 if all(cursors.get(s, -1) >= h for s, h in heads.items()):
                     return
             await trio.sleep(0.02)
-
-    def _journal_all(self) -> None:
-        """Journals every file with writes not yet journaled (as a close would)."""
-        self.replica.journal_writes(self.replica.state.unjournaled)
 
     async def _drained(self) -> bool:
         """Waits until the replica's services are idle; True if no commit is in flight."""

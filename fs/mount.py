@@ -382,7 +382,7 @@ async def _drain(session) -> None:
     import trio
 
     replica = session.replica
-    replica.journal_writes(replica.state.unjournaled)
+    replica.journal_all()
     if replica.read_only or not replica.net.online or replica.idle():
         return
     with trio.move_on_after(DRAIN_SECONDS):
