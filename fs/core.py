@@ -32,7 +32,6 @@ Exceptions raised here, besides the replica's (cache/errors.py):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -145,9 +144,9 @@ class FileHandle:
 
 
 #: One directory entry as readdir hands it out: name, node, inode number, and the
-#: attributes as `present_entry` made them. A tuple of untracked objects, which the
-#: garbage collector stops tracking: kept listings add nothing to its full passes
-#: (with a dataclass per entry, the first `ls -l` of 5,000 files took 60-90 ms more).
+#: attributes as `present_entry` made them. A tuple of objects the garbage collector
+#: does not track (pyfuse3's EntryAttributes included), so that after one pass it
+#: stops tracking the tuple too.
 _Entry = tuple[bytes, Key, int, Any]
 
 
@@ -184,7 +183,6 @@ def _cost(listing: _Listing) -> int:
     return len(listing.entries) + 1
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a listing asks up to three times per entry
 def _hash_ino(key: Key) -> int:
     digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=8).digest()
     return max(int.from_bytes(digest, "big") >> 1, ROOT_INODE + 1)
@@ -250,9 +248,13 @@ class Core:
         """Counts one kernel lookup of `node` (reached as `name` in `parent_ino`)."""
         return self._attrs(self._count_lookup((node.space, node.id), parent_ino, name), node)
 
-    def _count_lookup(self, key: Key, parent_ino: int, name: bytes) -> int:
-        """_remember without the attributes; returns the inode."""
-        ino = self._ino_for(key)
+    def _count_lookup(
+        self, key: Key, parent_ino: int, name: bytes, ino: int | None = None
+    ) -> int:
+        """_remember without the attributes; returns the inode (`ino`, a free number
+        or the node's own, if the caller already chose it)."""
+        if ino is None:
+            ino = self._ino_for(key)
         known = self._known.get(ino)
         if known is None:
             known = self._known[ino] = _Known(key)
@@ -506,20 +508,22 @@ class Core:
             if not reply(b"..", present(self._parent_attrs(handle)), 2):
                 return
             start = 2
-        inos = self._inos
+        inos, known = self._inos, self._known
         listing = handle.listing
         for index in range(start - 2, len(listing)):
             name, key, listed_ino, presented = listing[index]
-            ino = inos.get(key) or self._ino_for(key)
+            ino = inos.get(key)
+            if ino is None:
+                # not known now: the listed number serves unless another node took it
+                ino = listed_ino if listed_ino not in known else self._ino_for(key)
             if ino != listed_ino:
-                # the number changed since the listing was made (a collision)
                 try:
                     presented = present(self._attrs(ino, self.replica.node(*key)))
                 except NotFound:
                     continue  # gone since: a listing may or may not show it
             if not reply(name, presented, index + 3):
                 return
-            self._count_lookup(key, handle.ino, name)
+            self._count_lookup(key, handle.ino, name, ino)
 
     def _listing(self, key: Key) -> list[_Entry]:
         """The directory's entries, from the kept listing while the tree is unchanged."""

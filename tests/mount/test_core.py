@@ -126,6 +126,21 @@ async def test_core_relists_an_unchanged_directory_from_memory_and_sees_every_ch
         core.release(fh)
 
 
+async def test_core_listing_gives_colliding_nodes_distinct_numbers(home, monkeypatch):
+    # every node hashes to one number: the kept listing built both entries with it
+    monkeypatch.setattr("fs.core._hash_ino", lambda key: 1000)
+    async with Session.open(home) as session:
+        core = Core(session.replica, home)
+        d = core.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        space, d_node = core.key_of(d.ino)
+        for name in ("x", "y"):
+            session.replica.mkdir(space, d_node, name)
+        listed = _listed(core, d.ino)
+        assert len({attrs.ino for attrs in listed.values()} | {d.ino}) == 3
+        for name, attrs in listed.items():
+            assert core.lookup(d.ino, name).ino == attrs.ino  # the number it was counted as
+
+
 async def test_core_unlinked_file_lives_until_released_and_forgotten(home):
     async with Session.open(home) as session:
         core = Core(session.replica, home)
