@@ -114,18 +114,26 @@ class App:
         elif scope["type"] == "http":
             body = _Body(receive)
             response = await self._dispatch(scope, body)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": [
-                        (b"content-type", response.content_type.encode()),
-                        (b"content-length", str(len(response.body)).encode()),
-                        *response.headers,
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": response.body})
+            try:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status,
+                        "headers": [
+                            (b"content-type", response.content_type.encode()),
+                            (b"content-length", str(len(response.body)).encode()),
+                            *response.headers,
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": response.body})
+            except trio.BusyResourceError:
+                # The client hung up while the answer went out. hypercorn (0.18) then
+                # half-closes the socket from its reading task without the send lock,
+                # so the last send of the answer can find the socket busy. Nothing is
+                # left to tell a client that has gone.
+                log.debug("client left during the answer to %s %s", scope["method"],
+                          scope["path"])
 
     async def _lifespan(self, receive, send) -> None:
         await receive()  # lifespan.startup

@@ -13,6 +13,7 @@ import base64
 import http.client
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,6 +493,22 @@ def test_early_answer_reaches_a_client_still_sending_its_body(world: World, case
             assert_error(r, case.statuses, case.codes)
     assert snapshot(world) == before
     assert_missing(world, list(case.absent))
+
+
+@pytest.mark.parametrize("case", [CASES["chunk-declared-over-limit"],
+                                  CASES["login-declared-over-1mib"]],
+                         ids=["chunk", "login"])
+def test_client_hanging_up_after_an_early_answer_is_no_server_error(world: World, case: Case):
+    """A client that declares a body, reads the early 413 and hangs up without sending
+    the body: the server's last send of that answer races the connection's close. That is
+    the client leaving, not a fault: nothing may be logged as an error (the autouse
+    fixture checks the log). Repeated because it is a race: it lost about one time in
+    eight before the fix. The server waits DRAIN_IDLE for each body that never comes, so
+    the requests run side by side."""
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: case.send(world), range(60)))
+    for r in answers:
+        assert_error(r, case.statuses, case.codes)
 
 
 # ---------------------------------------------------------------------------- names
