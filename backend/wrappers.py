@@ -269,11 +269,13 @@ def stack(
     url: str,
     token: str | None = None,
     *,
-    transfers: int = 4,
+    transfers: int = 8,
     attempts: int = 5,
-    max_connections: int = 8,
+    max_connections: int = 12,
     timeout: float = 30.0,
 ) -> Backend:
-    """The standard client stack to the server at `url` (see the module docstring)."""
+    """The standard client stack to the server at `url` (see the module docstring).
+    More connections than transfers: the long poll and commits must never wait behind
+    uploads."""
     http = HttpBackend(url, token, max_connections=max_connections, timeout=timeout)
     return RetryingBackend(LimitedBackend(http, transfers), attempts=attempts)

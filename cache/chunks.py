@@ -255,7 +255,7 @@ class ChunkSource:
             except trio.WouldBlock:
                 return
 
-    async def run_prefetchers(self, workers: int = 4, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_prefetchers(self, workers: int = 8, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(workers):
                 nursery.start_soon(self._prefetcher)
