@@ -145,11 +145,11 @@ class ChunkSource:
         cache admits only blobs whose content was checked against their id (downloads,
         pins) or that this device sealed (uploads), so only their seal is checked; in a
         store that may hold blobs cached before that rule, everything is."""
-        with self.store.read() as t:
-            blob = t.chunk(space, chunk_id)
-        if blob is None:
-            return None
-        return codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
+        with self.store.read(views=True) as t:
+            blob = t.chunk_view(space, chunk_id)
+            if blob is None:
+                return None
+            return codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
         """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""

@@ -271,6 +271,41 @@ async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
             await b.replica.read(b.replica.home, node.id, 0, 100)
 
 
+async def test_replica_damaged_cached_copy_is_fetched_again(
+    devices, tmp_path, allow_error_logs
+):
+    """A cached chunk opened in place in the map that fails its seal is dropped and
+    fetched again: the reader gets the right bytes, and the cache the right blob."""
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "data.bin", 3_000_000, seed=6)
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+    async with Session.open(b_home) as b:
+        await b.sync()
+        assert await read_path(b, "data.bin") == src.read_bytes()
+        node = b.replica.resolve("data.bin")
+        chunk_id = b.replica.content.layout(node).chunks[0][0]
+        space = b.replica.home
+        await trio.sleep(0.2)  # the cache writer's burst
+    store = Store(b_home / "store")
+    with store.write() as t:
+        good = t.chunk(space, chunk_id)
+        assert good is not None
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x01
+        t.delete_chunk(space, chunk_id)
+        t.put_chunk(space, chunk_id, bytes(bad))
+    store.close()
+    async with Session.open(b_home) as b:
+        assert await read_path(b, "data.bin") == src.read_bytes()
+        await trio.sleep(0.2)  # the cache writer's burst
+    store = Store(b_home / "store", readonly=True)
+    with store.read() as t:
+        assert t.chunk(space, chunk_id) == good
+    store.close()
+
+
 async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):
     a_home, b_home = await devices.add(), await devices.add()
     cap = 64 * 1024 * 1024
