@@ -240,7 +240,7 @@ class SyncReader:
         while pos < end:
             page_no = pos // PAGE_SIZE
             stop = min(end, (page_no + 1) * PAGE_SIZE)
-            blob = t.page(self.node.space, self.node.id, page_no) if dirty else None
+            blob = t.page_view(self.node.space, self.node.id, page_no) if dirty else None
             if blob is not None:
                 page = self.sealer.open(self.node.id, page_no, blob)
                 base = page_no * PAGE_SIZE

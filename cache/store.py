@@ -393,6 +393,15 @@ class Txn:
         self._mapped(len(value))
         return bytes(value)
 
+    def page_view(self, space: str, node: str, page_no: int) -> memoryview | None:
+        """The sealed page in place in a `read(views=True)` transaction (see
+        `chunk_view`); a view of a copy in any other."""
+        value = self.txn.get(raw(space) + raw(node) + u64(page_no), db=self.db["pages"])
+        if value is None:
+            return None
+        self._mapped(len(value))
+        return memoryview(value)
+
     def put_page(self, space: str, node: str, page_no: int, sealed: bytes) -> None:
         key = raw(space) + raw(node) + u64(page_no)
         self.txn.put(key, sealed, db=self.db["pages"])
@@ -403,10 +412,11 @@ class Txn:
         out = []
         with self.txn.cursor(db=self.db["pagekeys"]) as cur:
             if cur.set_range(prefix + u64(start)):
-                for key in cur.iternext(values=False):
+                for view in cur.iternext(values=False):
+                    key = bytes(view)  # a view in a `read(views=True)` transaction
                     if not key.startswith(prefix):
                         break
-                    out.append(bytes(key))
+                    out.append(key)
         return out
 
     def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
