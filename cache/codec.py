@@ -331,8 +331,9 @@ class DirtySealer:
         node = node_id.encode("utf-8")
         return _PAGE_LABEL + struct.pack(">H", len(node)) + node + struct.pack(">Q", page_no)
 
-    def seal(self, node_id: str, page_no: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Returns the sealed form of page `page_no` of `node_id` holding `data`."""
+    def seal(self, node_id: str, page_no: int, data: bytes | bytearray | memoryview) -> bytearray:
+        """Returns the sealed form of page `page_no` of `node_id` holding `data`, built in
+        place (no copy of the page on the way)."""
         nonce = os.urandom(NONCE_BYTES)
         out = bytearray(1 + NONCE_BYTES + len(data) + TAG_BYTES)
         out[0] = _PAGE_VERSION
@@ -340,7 +341,7 @@ class DirtySealer:
         self._aead.encrypt_into(
             nonce, data, self._aad(node_id, page_no), memoryview(out)[1 + NONCE_BYTES :]
         )
-        return bytes(out)
+        return out
 
     def open(self, node_id: str, page_no: int, blob: bytes | bytearray | memoryview) -> bytes:
         """Returns the data sealed as page `page_no` of `node_id`, or raises CorruptPage."""

@@ -110,7 +110,7 @@ class Content:
             blob = sealed[page_no]
             if blob is not None:
                 page = self.sealer.open(node.id, page_no, blob)
-                out += page[pos - page_start : stop - page_start]
+                out += page_slice(page, pos - page_start, stop - page_start)
             else:
                 out += await self._read_base(node, pos, stop, prefetch=False)
             pos = stop
@@ -158,18 +158,26 @@ class Content:
         with self.store.read() as t:
             blob = t.page(node.space, node.id, page_no)
         if blob is not None:
-            return bytearray(self.sealer.open(node.id, page_no, blob))
+            data = self.sealer.open(node.id, page_no, blob)
+            if len(data) == PAGE_SIZE:
+                return bytearray(data)
+            page = bytearray(PAGE_SIZE)
+            page[: len(data)] = data
+            return page
         start = page_no * PAGE_SIZE
         data = await self._read_base(node, start, min(start + PAGE_SIZE, node.size), prefetch=False)
         page = bytearray(PAGE_SIZE)
         page[: len(data)] = data
         return page
 
-    async def prepare_write(self, node: Node, offset: int, data: bytes) -> dict[int, bytes]:
+    async def prepare_write(self, node: Node, offset: int, data: bytes) -> dict[int, bytearray]:
         """Sealed pages that hold `data` at `offset` (to be stored by the caller in the
-        same transaction as the node's new size)."""
-        out: dict[int, bytes] = {}
+        same transaction as the node's new size). A page that holds the end of the file
+        is sealed only up to that end (see `page_slice`): a 4 KiB file keeps a 4 KiB
+        page, not a 128 KiB one."""
+        out: dict[int, bytearray] = {}
         end = offset + len(data)
+        new_size = max(node.size, end)
         view = memoryview(data)
         for page_no in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
             start = page_no * PAGE_SIZE
@@ -185,20 +193,19 @@ class Content:
                 buf = await self.page_bytes(node, page_no)
                 buf[lo - start : hi - start] = view[lo - offset : hi - offset]
                 page = buf
-            out[page_no] = self.sealer.seal(node.id, page_no, bytes(page))
+            out[page_no] = self.sealer.seal(node.id, page_no, memoryview(page)[: new_size - start])
         return out
 
-    async def prepare_truncate(self, node: Node, size: int) -> tuple[int, dict[int, bytes]]:
+    async def prepare_truncate(self, node: Node, size: int) -> tuple[int, dict[int, bytearray]]:
         """For shrinking to `size`: the first page to drop and the sealed partial last
-        page with its tail zeroed."""
+        page, cut at `size` (what lies past it reads as zeros)."""
         keep = -(-size // PAGE_SIZE)
-        pages: dict[int, bytes] = {}
+        pages: dict[int, bytearray] = {}
         if size % PAGE_SIZE and size < node.size:
             page_no = size // PAGE_SIZE
             buf = await self.page_bytes(node, page_no)
             cut = size - page_no * PAGE_SIZE
-            buf[cut:] = bytes(PAGE_SIZE - cut)
-            pages[page_no] = self.sealer.seal(node.id, page_no, bytes(buf))
+            pages[page_no] = self.sealer.seal(node.id, page_no, memoryview(buf)[:cut])
         return keep, pages
 
 
@@ -244,7 +251,7 @@ class SyncReader:
             if blob is not None:
                 page = self.sealer.open(self.node.id, page_no, blob)
                 base = page_no * PAGE_SIZE
-                out += memoryview(page)[pos - base : stop - base]
+                out += page_slice(page, pos - base, stop - base)
             else:
                 out += self._base(t, pos, stop)
             pos = stop
@@ -268,6 +275,16 @@ class SyncReader:
         if end > max(offset, data_end):
             out += bytes(end - max(offset, data_end))
         return bytes(out)
+
+
+def page_slice(page: bytes, lo: int, hi: int) -> bytes | memoryview:
+    """Bytes [lo, hi) of a dirty page. A page is sealed up to the end of the file when
+    it holds that end; past what it holds it reads as zeros (the file was shorter then,
+    and a later extension leaves a hole there)."""
+    part = memoryview(page)[lo:hi]
+    if len(part) == hi - lo:
+        return part
+    return bytes(part) + bytes(hi - lo - len(part))
 
 
 def changed_ranges(node: Node, layout: Layout, dirty_pages: list[int]) -> list[tuple[int, int]]:

@@ -251,6 +251,37 @@ async def test_replica_save_through_a_temporary_name_is_one_version(devices):
             assert await read_path(a, f"save{i}") == b"saved %d" % i
 
 
+async def test_replica_end_of_file_pages_are_sealed_short_and_read_as_zeros_past_it(
+    devices,
+):
+    """A page holding the end of a file is kept only up to that end; past it, after an
+    extension or a shrink, the file reads zeros, here and on another device."""
+    home = await devices.add()
+    page = 128 * 1024
+    async with Session.open(home) as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "grows")
+        await r.write(r.home, node.id, 0, b"x" * 4096)
+        with a.store.read() as t:
+            sealed = t.page(r.home, node.id, 0)
+        assert sealed is not None and len(sealed) < 4096 + 64
+        await r.write(r.home, node.id, 2 * page + 10, b"tail")
+        expected = b"x" * 4096 + bytes(2 * page + 10 - 4096) + b"tail"
+        assert await read_path(a, "grows") == expected
+        await r.truncate(r.home, node.id, 100)
+        await r.truncate(r.home, node.id, page + 50)
+        expected = b"x" * 100 + bytes(page - 50)
+        assert await read_path(a, "grows") == expected
+        await r.write(r.home, node.id, 90, b"yy")
+        expected = b"x" * 90 + b"yy" + b"x" * 8 + bytes(page - 50)
+        assert await read_path(a, "grows") == expected
+        r.close_written(r.home, node.id)
+        await a.sync()
+    async with Session.open(await devices.add()) as b:
+        await b.sync()
+        assert await read_path(b, "grows") == expected
+
+
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
     devices, server, tmp_path, allow_error_logs
 ):
