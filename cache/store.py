@@ -11,6 +11,7 @@ id, integers big-endian):
     children   S P name -> N         directory entries (name is UTF-8)
     links      S N P name -> ''      the same entries keyed by node: hard links, paths
     pages      S N u64 -> sealed     dirty pages (PAGE_SIZE bytes of the new content each,
+                                     or up to the file's end for the page holding it;
                                      sealed under the device key: no plaintext on disk)
     pagekeys   S N u64 -> ''         the keys of `pages`, to list and delete them without a
                                      cursor over the pages themselves (the binding faults
