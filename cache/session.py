@@ -56,7 +56,7 @@ from loft.protocol import ROOT_NODE, LoginRequest, LoginResponse, SignupRequest
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = 10 * 1024**3
-MAP_CHECK_SECONDS = 0.5
+MAP_CHECK_SECONDS = 0.25
 
 
 async def run_map_keeper(store: Store, task_status=trio.TASK_STATUS_IGNORED) -> None:

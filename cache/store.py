@@ -78,7 +78,7 @@ DBS = (
 RELEASE_EVERY = 32 * 1024 * 1024
 #: file-backed resident bytes over the floor past which `keep_under` releases the map,
 #: whatever the byte counts say
-MAP_BUDGET = 48 * 1024 * 1024
+MAP_BUDGET = 32 * 1024 * 1024
 _MADV_DONTNEED = 4
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
