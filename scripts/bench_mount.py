@@ -765,10 +765,14 @@ class Bench:
     ) -> dict[str, float | None]:
         """Runs `work` (which returns the seconds its figure stands for) on every side and
         prints a line with that, the notes, and the CPU its processes used (in cores);
-        a side that fails gets None and a line saying why."""
+        a side that fails gets None and a line saying why. Each side starts with no dirty
+        pages on the machine (sync)."""
         out: dict[str, float | None] = {}
         for side in sides or self.sides:
             self._notes.clear()
+            # what the previous side left in the page cache is written out first, outside
+            # the timing: its writeback would otherwise land in this side's synced writes
+            os.sync()
             pids = side.pids()
             cpu_before = {k: process_cpu(p) for k, p in pids.items()}
             side.mark()
