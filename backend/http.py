@@ -474,6 +474,12 @@ class HttpBackend:
             )
             self.bytes_sent += size
 
+    @property
+    def last_byte(self) -> float | None:
+        """trio.current_time() when the server last sent bytes of a chunk download; None
+        where that is not followed (TLS goes through httpx)."""
+        return self._raw.last_byte if self._raw is not None else None
+
     async def get_chunk(self, space: str, chunk_id: str) -> bytes:
         path = f"/spaces/{_seg(space)}/chunks/{_seg(chunk_id)}"
         if self._raw is None:

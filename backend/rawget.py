@@ -34,6 +34,9 @@ class RawGetter:
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self._idle: list[_Conn] = []
+        #: trio.current_time() when the server last sent bytes of any answer: a slow
+        #: link still delivers, an unreachable server does not (see ChunkSource.fetch)
+        self.last_byte = 0.0
 
     async def _connect(self) -> _Conn:
         sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in self.host
@@ -88,6 +91,7 @@ class RawGetter:
             data = await conn.sock.recv(65536)
             if not data:
                 raise _Closed("connection closed before an answer")
+            self.last_byte = trio.current_time()
             conn.buf += data
             head_end = conn.buf.find(b"\r\n\r\n")
         head = bytes(conn.buf[:head_end]).decode("latin-1").split("\r\n")
@@ -112,6 +116,7 @@ class RawGetter:
             n = await conn.sock.recv_into(view[have:])
             if n == 0:
                 raise _Closed("connection closed in an answer's body")
+            self.last_byte = trio.current_time()
             have += n
         keep = fields.get("connection", "").lower() != "close" and not conn.buf
         return status, body, keep

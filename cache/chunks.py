@@ -19,6 +19,8 @@ import trio
 
 from backend.base import Backend, BackendError, is_transient
 from backend.base import NotFound as BackendNotFound
+from backend.http import HttpBackend
+from backend.wrappers import layer
 from cache.codec import ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import Corrupt, NoSpace, Offline
 from cache.store import Store, StoreFull
@@ -86,6 +88,10 @@ class ChunkSource:
         self._untouched: set[tuple[str, str]] = set()
         self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, str]](64)
         self.fetched_bytes = 0
+        try:
+            self._http: HttpBackend | None = layer(backend, HttpBackend)
+        except LookupError:
+            self._http = None
 
     # ------------------------------------------------------------------ reads
 
@@ -152,12 +158,12 @@ class ChunkSource:
             return codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
-        """The sealed blob from the server; Offline within FETCH_TIMEOUT if unreachable."""
+        """The sealed blob from the server; Offline once the server sent nothing for
+        FETCH_TIMEOUT (see _get_while_heard)."""
         if not self.net.online and time.time() - self.net.since < 2.0:
             raise Offline(f"offline ({self.net.reason}) and chunk {chunk_id} is not cached")
         try:
-            with trio.fail_after(FETCH_TIMEOUT):
-                blob = await self.backend.get_chunk(space, chunk_id)
+            blob = await self._get_while_heard(space, chunk_id)
         except trio.TooSlowError:
             self.net.down("a chunk download timed out")
             raise Offline(f"the server did not send chunk {chunk_id} in time") from None
@@ -172,6 +178,49 @@ class ChunkSource:
         self.net.up()
         self.fetched_bytes += len(blob)
         return blob
+
+    async def _get_while_heard(self, space: str, chunk_id: str) -> bytes:
+        """`get_chunk`, or TooSlowError once FETCH_TIMEOUT passed in which the server
+        sent no byte of any download. On a slow link the downloads side by side (and a
+        read queued behind them for a transfer slot) each take longer than that, and
+        that is no sign of an unreachable server: a deadline on the whole download made
+        a cold read on a 10 Mbit/s link time out over and over. Where the backend does
+        not say when it last heard from the server, the deadline covers the download."""
+        started = trio.current_time()
+        out: list[bytes] = []
+        failed: list[Exception] = []
+        stalled = False
+
+        def heard() -> float:
+            last = self._http.last_byte if self._http is not None else None
+            return started if last is None else max(started, last)
+
+        async with trio.open_nursery() as nursery:
+
+            async def get() -> None:
+                try:
+                    out.append(await self.backend.get_chunk(space, chunk_id))
+                except Exception as exc:  # raised below, outside the nursery's group
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                nonlocal stalled
+                while True:
+                    await trio.sleep_until(heard() + FETCH_TIMEOUT + 0.05)
+                    if trio.current_time() - heard() > FETCH_TIMEOUT:
+                        break
+                stalled = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(get)
+            nursery.start_soon(watch)
+        if failed:
+            raise failed[0]
+        if not out:
+            assert stalled
+            raise trio.TooSlowError
+        return out[0]
 
     def cache(self, space: str, chunk_id: str, blob: bytes) -> None:
         """Keeps a sealed chunk locally if it fits under the cap; only blobs that passed

@@ -378,6 +378,95 @@ async def test_replica_offline_uncached_read_fails_fast(devices, server, tmp_pat
         assert await read_path(a, "offline.txt") == b"queued"
 
 
+class SlowLink:
+    """A TCP relay on 127.0.0.1 to the server that passes the server's answers on at
+    `rate` bytes a second over all its connections together, or not at all while
+    frozen (a server that stopped answering, its connections still open)."""
+
+    def __init__(self, target_port: int, rate: int) -> None:
+        self.target_port, self.rate = target_port, rate
+        self.port = 0
+        self._turn = trio.Lock()
+        self._flowing = trio.Event()
+        self._flowing.set()
+
+    def freeze(self) -> None:
+        self._flowing = trio.Event()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+
+        async def up() -> None:
+            async for data in client:
+                await server.send_all(data)
+
+        async def down() -> None:
+            async for data in server:
+                for i in range(0, len(data), 4096):
+                    async with self._turn:
+                        await self._flowing.wait()
+                        await trio.sleep(4096 / self.rate)
+                    await client.send_all(data[i : i + 4096])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(up)
+                nursery.start_soon(down)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await server.aclose()
+            await client.aclose()
+
+
+async def test_replica_cold_read_over_a_slow_link_completes_and_a_silent_one_fails(
+    devices, server, tmp_path
+):
+    """Downloads side by side on a slow link each take longer than the fetch deadline:
+    the read completes, because the server keeps sending. A server that sends nothing
+    more makes the read fail with Offline within a few seconds."""
+    a_home = await devices.add()
+    src = write_random(tmp_path / "slow.bin", 2_500_000, seed=8)
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "slow.bin")
+        await a.sync()
+    port = int(server.url.rsplit(":", 1)[1])
+    link = SlowLink(port, rate=320_000)  # ~8 s for the whole file, several chunks at once
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        b_home = tmp_path / "slow-device"
+        await login(b_home, f"http://127.0.0.1:{link.port}", devices.user, "correct horse", "slow")
+        async with Session.open(b_home) as b:
+            await b.sync()
+            node = b.replica.resolve("slow.bin")
+            started = trio.current_time()
+            with trio.fail_after(60):
+                data = await b.replica.read(b.replica.home, node.id, 0, node.size)
+            assert data == src.read_bytes()
+            assert trio.current_time() - started > 5.0  # longer than one fetch deadline
+            a_src = write_random(tmp_path / "more.bin", 1_500_000, seed=9)
+            async with Session.open(a_home) as a:
+                await a.import_file(a_src, ROOT, "more.bin")
+                await a.sync()
+            await b.sync()
+            link.freeze()
+            more = b.replica.resolve("more.bin")
+            with trio.fail_after(15):
+                with pytest.raises(Offline):
+                    await b.replica.read(b.replica.home, more.id, 0, more.size)
+            link.thaw()
+        nursery.cancel_scope.cancel()
+
+
 async def test_replica_login_with_password_alone_and_no_plaintext_at_rest(
     devices, server, tmp_path
 ):
