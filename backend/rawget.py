@@ -8,7 +8,9 @@ for http:// (TLS stays with httpx), only for GET, and only 2xx/4xx/5xx with a
 Content-Length; anything else is a BadResponse.
 
 Errors: socket failures and timeouts raise `Unreachable`; a reused keep-alive
-connection that the server had closed is retried once on a fresh one.
+connection that the server had closed is retried once on a fresh one. The timeout is
+for silence, as httpx's read timeout is: each byte received moves the deadline, so a
+large chunk over a slow link is not cut off halfway.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ class RawGetter:
             reused = bool(self._idle)
             conn = self._idle.pop() if reused else None
             try:
-                with trio.fail_after(self.timeout):
+                with trio.fail_after(self.timeout) as deadline:
                     if conn is None:
                         conn = await self._connect()
-                    status, body, keep = await self._exchange(conn, request)
+                    status, body, keep = await self._exchange(conn, request, deadline)
             except (OSError, trio.TooSlowError, _Closed) as exc:
                 if conn is not None:
                     conn.close()
@@ -82,7 +84,14 @@ class RawGetter:
             return status, body
         raise AssertionError("unreachable")
 
-    async def _exchange(self, conn: _Conn, request: bytes) -> tuple[int, bytes, bool]:
+    def _heard(self, deadline: trio.CancelScope) -> None:
+        """Bytes arrived: the silence deadline starts again."""
+        self.last_byte = trio.current_time()
+        deadline.deadline = self.last_byte + self.timeout
+
+    async def _exchange(
+        self, conn: _Conn, request: bytes, deadline: trio.CancelScope
+    ) -> tuple[int, bytes, bool]:
         await conn.sock.send(request)
         head_end = -1
         while head_end < 0:
@@ -91,7 +100,7 @@ class RawGetter:
             data = await conn.sock.recv(65536)
             if not data:
                 raise _Closed("connection closed before an answer")
-            self.last_byte = trio.current_time()
+            self._heard(deadline)
             conn.buf += data
             head_end = conn.buf.find(b"\r\n\r\n")
         head = bytes(conn.buf[:head_end]).decode("latin-1").split("\r\n")
@@ -116,7 +125,7 @@ class RawGetter:
             n = await conn.sock.recv_into(view[have:])
             if n == 0:
                 raise _Closed("connection closed in an answer's body")
-            self.last_byte = trio.current_time()
+            self._heard(deadline)
             have += n
         keep = fields.get("connection", "").lower() != "close" and not conn.buf
         return status, body, keep
