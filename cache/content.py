@@ -158,14 +158,11 @@ class Content:
         with self.store.read() as t:
             blob = t.page(node.space, node.id, page_no)
         if blob is not None:
-            data = self.sealer.open(node.id, page_no, blob)
-            if len(data) == PAGE_SIZE:
-                return bytearray(data)
-            page = bytearray(PAGE_SIZE)
-            page[: len(data)] = data
-            return page
-        start = page_no * PAGE_SIZE
-        data = await self._read_base(node, start, min(start + PAGE_SIZE, node.size), prefetch=False)
+            data = self.sealer.open(node.id, page_no, blob)  # short at the file's end
+        else:
+            start = page_no * PAGE_SIZE
+            end = min(start + PAGE_SIZE, node.size)
+            data = await self._read_base(node, start, end, prefetch=False)
         page = bytearray(PAGE_SIZE)
         page[: len(data)] = data
         return page
@@ -182,18 +179,15 @@ class Content:
         for page_no in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
             start = page_no * PAGE_SIZE
             lo, hi = max(offset, start), min(end, start + PAGE_SIZE)
-            if lo == start and hi == start + PAGE_SIZE:
-                page = view[lo - offset : hi - offset]
-            elif lo == start and hi >= min(start + PAGE_SIZE, node.size):
-                # nothing of the old page survives: no need for its base bytes
-                buf = bytearray(PAGE_SIZE)
-                buf[: hi - lo] = view[lo - offset : hi - offset]
-                page = buf
+            if lo == start and hi >= min(start + PAGE_SIZE, new_size):
+                # the write covers the page, or its start up to the file's new end:
+                # nothing of the old page survives, and the data is the page
+                page: memoryview = view[lo - offset : hi - offset]
             else:
                 buf = await self.page_bytes(node, page_no)
                 buf[lo - start : hi - start] = view[lo - offset : hi - offset]
-                page = buf
-            out[page_no] = self.sealer.seal(node.id, page_no, memoryview(page)[: new_size - start])
+                page = memoryview(buf)[: new_size - start]
+            out[page_no] = self.sealer.seal(node.id, page_no, page)
         return out
 
     async def prepare_truncate(self, node: Node, size: int) -> tuple[int, dict[int, bytearray]]:
@@ -266,7 +260,7 @@ class SyncReader:
             start = self.layout.starts[i]
             plain = self.extra.get(chunk_id)
             if plain is None:
-                blob = t.chunk(self.node.space, chunk_id)
+                blob = t.chunk_view(self.node.space, chunk_id)
                 if blob is None:
                     raise NeedChunk(chunk_id)
                 plain = self.open_chunk(chunk_id, blob)

@@ -255,6 +255,14 @@ class Txn:
         if self.mapped is not None:
             self.mapped.touched(nbytes)
 
+    def _value(self, db: str, key: bytes) -> bytes | memoryview | None:
+        """A large value (a page, a chunk), counted as touched in the map: a copy, or a
+        view into the map in a `read(views=True)` transaction."""
+        value = self.txn.get(key, db=self.db[db])
+        if value is not None:
+            self._mapped(len(value))
+        return value
+
     # ------------------------------------------------------------------ meta
 
     def meta(self, key: str) -> bytes | None:
@@ -388,20 +396,14 @@ class Txn:
     # ------------------------------------------------------------------ dirty pages
 
     def page(self, space: str, node: str, page_no: int) -> bytes | None:
-        value = self.txn.get(raw(space) + raw(node) + u64(page_no), db=self.db["pages"])
-        if value is None:
-            return None
-        self._mapped(len(value))
-        return bytes(value)
+        value = self._value("pages", raw(space) + raw(node) + u64(page_no))
+        return None if value is None else bytes(value)
 
     def page_view(self, space: str, node: str, page_no: int) -> memoryview | None:
         """The sealed page in place in a `read(views=True)` transaction (see
         `chunk_view`); a view of a copy in any other."""
-        value = self.txn.get(raw(space) + raw(node) + u64(page_no), db=self.db["pages"])
-        if value is None:
-            return None
-        self._mapped(len(value))
-        return memoryview(value)
+        value = self._value("pages", raw(space) + raw(node) + u64(page_no))
+        return None if value is None else memoryview(value)
 
     def put_page(self, space: str, node: str, page_no: int, sealed: bytes) -> None:
         key = raw(space) + raw(node) + u64(page_no)
@@ -473,22 +475,13 @@ class Txn:
 
     # ------------------------------------------------------------------ chunk cache
 
-    def chunk(self, space: str, chunk_id: str) -> bytes | None:
-        value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunks"])
-        if value is None:
-            return None
-        self._mapped(len(value))
-        return bytes(value)
-
     def chunk_view(self, space: str, chunk_id: str) -> memoryview | None:
         """The cached blob in place, in a `read(views=True)` transaction: opening a
         chunk straight from the map saves copying it out first (a warm re-read copied
-        each of its bytes once more that way; fresh memory is dear here)."""
-        value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunks"])
-        if value is None:
-            return None
-        self._mapped(len(value))
-        return memoryview(value)
+        each of its bytes once more that way; fresh memory is dear here). Outside one,
+        a view of a copy."""
+        value = self._value("chunks", raw(space) + bytes.fromhex(chunk_id))
+        return None if value is None else memoryview(value)
 
     def chunk_meta(self, space: str, chunk_id: str) -> ChunkMeta | None:
         value = self.txn.get(raw(space) + bytes.fromhex(chunk_id), db=self.db["chunkmeta"])
