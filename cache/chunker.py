@@ -52,19 +52,22 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 #   min / avg     mean chunk   8-byte insert @100    1-byte overwrite ~mid   CDC MB/s
 #   64K / 256K     0.30 MiB    1 chunk, 0.37 MiB     1 chunk, 0.33 MiB         3,980
 #   128K / 512K    0.60 MiB    1 chunk, 0.86 MiB     1 chunk, 0.51 MiB         4,070
-#   256K / 1M      1.23 MiB    1 chunk, 1.33 MiB     1 chunk, 1.66 MiB         4,060  <-
+#   256K / 1M      1.23 MiB    1 chunk, 1.33 MiB     1 chunk, 1.66 MiB         4,060
 #   512K / 1M      1.33 MiB    1 chunk, 1.38 MiB     1 chunk, 1.51 MiB         5,250
-#   256K / 2M      2.17 MiB    1 chunk, 2.38 MiB     1 chunk, 2.73 MiB         3,690
+#   256K / 2M      2.17 MiB    1 chunk, 2.38 MiB     1 chunk, 2.73 MiB         3,690  <-
 #
 # Every choice keeps an edit local and cuts at ~4 GB/s, ~8x faster than the codec behind
-# it, so the choice is chunk count against bytes re-sent per edit. 256 KiB / 1 MiB
-# re-sends ~1.5 MiB per small edit while a 1 GiB file stays near 800 chunks: few enough
-# that manifests, "which are missing" queries and per-request costs (~1,000 small
-# requests/s per server process) stay cheap, and large enough that each chunk request
-# amortises its HTTP overhead. 512 KiB chunks would double the request count to save
-# ~1 MiB per edit; 2 MiB chunks would make a 4 KiB edit re-send ~2.5 MiB.
+# it, so the choice is chunk count against bytes re-sent per edit. 256 KiB / 2 MiB keeps
+# a 1 GiB file near 470 chunks and re-sends ~2.5 MiB per small edit. Each chunk is one
+# request both ways, and on 2 cores both the mount and the server spend much of their
+# time per request (~1,000 small requests/s per server process). Against 256 KiB / 1 MiB
+# (~830 chunks; the read-ahead kept its bytes), alternated on fresh clusters, a cold
+# 1 GiB read took 2.96-4.24 s against 3.79-5.86 s, with less CPU on both sides (mount
+# 2.1-3.0 against 2.7-4.0 s, server 1.5-2.2 against 2.2-2.9 s), and the mount spent
+# 7.3-9.0 against 7.1-11.1 CPU-s storing a 1 GiB file. The extra ~1 MiB per small edit
+# stays within the "about one chunk" a small edit may send.
 MIN_SIZE = 256 * 1024
-AVG_SIZE = 1024 * 1024
+AVG_SIZE = 2 * 1024 * 1024
 MAX_SIZE = MAX_CHUNK_PLAINTEXT
 
 #: How much `iter_chunks` reads at a time.
