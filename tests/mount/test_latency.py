@@ -199,37 +199,26 @@ def _cut(data: bytes, x0: bytes, x1: bytes) -> str:
     boundary (its later pages found the file 10 bytes long). POSIX reads are not atomic
     against a concurrent change on any filesystem. Any page that is in neither content
     at its offset, or a read that ends inside a page, is "unknown"."""
-    if not data or (len(data) != len(x0) and len(data) % PAGE):
+    pages = {_source(data[at:at + PAGE], at, x0, x1) for at in range(0, len(data), PAGE)}
+    if not data or (len(data) != len(x0) and len(data) % PAGE) or pages - {"x0", "x1", "x0=x1"}:
         return f"unknown ({len(data)} bytes: {_blocks(data, x0, x1)})"
-    sources = set()
-    for at in range(0, len(data), PAGE):
-        page = data[at:at + PAGE]
-        in_x0, in_x1 = page == x0[at:at + PAGE], page == x1[at:at + PAGE]
-        if not (in_x0 or in_x1):
-            return f"unknown ({len(data)} bytes: {_blocks(data, x0, x1)})"
-        if in_x0 != in_x1:
-            sources.add("x0" if in_x0 else "x1")
-    mixed = "pages of x0 and x1" if len(sources) == 2 else (sources or {"x0"}).pop()
-    return mixed if len(data) == len(x0) else f"{mixed} cut by the truncation"
+    sources = pages - {"x0=x1"}
+    name = "pages of x0 and x1" if len(sources) == 2 else next(iter(sources), "x0")
+    return name if len(data) == len(x0) else f"{name} cut by the truncation"
+
+
+def _source(block: bytes, at: int, x0: bytes, x1: bytes) -> str:
+    """Which content `block`, read at offset `at`, comes from."""
+    in_x0, in_x1 = block == x0[at:at + len(block)], block == x1[at:at + len(block)]
+    if in_x0 or in_x1:
+        return "x0=x1" if in_x0 and in_x1 else "x0" if in_x0 else "x1"
+    return "other" if block.strip(b"\0") else "zeros"
 
 
 def _blocks(data: bytes, x0: bytes, x1: bytes) -> str:
-    """Which content each 128 KiB block of a read came from, for a failure message."""
+    """Where each 128 KiB block of a read came from, for a failure message."""
     step = 128 * 1024
-    parts = []
-    for at in range(0, len(data), step):
-        block = data[at:at + step]
-        if block == x1[at:at + len(block)] == x0[at:at + len(block)]:
-            parts.append("x0=x1")
-        elif block == x1[at:at + len(block)]:
-            parts.append("x1")
-        elif block == x0[at:at + len(block)]:
-            parts.append("x0")
-        elif not block.strip(b"\0"):
-            parts.append("zeros")
-        else:
-            parts.append("other")
-    return " ".join(parts)
+    return " ".join(_source(data[at:at + step], at, x0, x1) for at in range(0, len(data), step))
 
 
 def test_latency_other_device_only_sees_contents_the_writer_had(cluster: Cluster):

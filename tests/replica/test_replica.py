@@ -445,7 +445,7 @@ async def test_replica_cold_read_over_a_slow_link_completes_and_a_silent_one_fai
         await a.import_file(src, ROOT, "slow.bin")
         await a.sync()
     port = int(server.url.rsplit(":", 1)[1])
-    link = SlowLink(port, rate=320_000)  # ~8 s for the whole file, several chunks at once
+    link = SlowLink(port, rate=320_000)  # ~8 s for the file: two chunks side by side
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)
         b_home = tmp_path / "slow-device"
