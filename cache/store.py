@@ -405,7 +405,7 @@ class Txn:
         value = self._value("pages", raw(space) + raw(node) + u64(page_no))
         return None if value is None else memoryview(value)
 
-    def put_page(self, space: str, node: str, page_no: int, sealed: bytes) -> None:
+    def put_page(self, space: str, node: str, page_no: int, sealed: bytes | bytearray) -> None:
         key = raw(space) + raw(node) + u64(page_no)
         self.txn.put(key, sealed, db=self.db["pages"])
         self.txn.put(key, b"", db=self.db["pagekeys"])
