@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 GetChunk = Callable[[str, str], Awaitable[bytes]]
 
+#: Layouts of replaced versions kept for `Content.retired`, the most recent this many.
+RETIRED = 64
+
 #: Chunks fetched ahead of a sequential reader: about 17 MiB at the average size (2.2
 #: MiB), as sixteen 1.2 MiB chunks were before the average grew. That depth, with eight
 #: fetchers and eight transfers, read 1 GiB cold in 3.1-4.2 s where half of it with four
@@ -70,27 +73,45 @@ class Content:
         self.sealer = sealer
         self.get_chunk = get_chunk
         self.prefetch = prefetch
-        self._layouts: dict[tuple[str, str], tuple[int, Layout]] = {}
+        #: each file's base layout, with the node it was first laid out for
+        self._layouts: dict[tuple[str, str], tuple[Node, Layout]] = {}
+        #: the same for clean versions that a change has replaced since (see `retired`)
+        self._retired: dict[tuple[str, str], tuple[Node, Layout]] = {}
         self._last_end: dict[tuple[str, str], int] = {}
 
     def layout(self, node: Node) -> Layout:
         """The node's base layout, cached by version (a base changes only with it)."""
         key = (node.space, node.id)
-        cached = self._layouts.get(key)
-        if cached is not None and cached[0] == node.version:
-            return cached[1]
+        for cached in (self._layouts.get(key), self._retired.get(key)):
+            if cached is not None and cached[0].version == node.version:
+                return cached[1]
         with self.store.read() as t:
             layout = Layout.of(decode_manifest(t.manifest_bytes(node.space, node.id)))
-        self._layouts[key] = (node.version, layout)
+        self._layouts[key] = (node, layout)
         return layout
 
     def forget(self, space: str, node: str) -> None:
-        self._layouts.pop((space, node), None)
-        self._last_end.pop((space, node), None)
+        """The node's base changed: its layout is retired (kept for `retired` if that
+        version was clean)."""
+        key = (space, node)
+        cached = self._layouts.pop(key, None)
+        if cached is not None and not cached[0].flags & Flag.DIRTY:
+            self._retired.pop(key, None)
+            self._retired[key] = cached
+            if len(self._retired) > RETIRED:
+                del self._retired[next(iter(self._retired))]
+        self._last_end.pop(key, None)
 
     def forget_all(self) -> None:
         self._layouts.clear()
+        self._retired.clear()
         self._last_end.clear()
+
+    def retired(self, space: str, node_id: str, version: int) -> Node | None:
+        """The node of `version` of a file, a clean version a change has replaced since,
+        while its layout is kept: `read` reads it as it was."""
+        cached = self._retired.get((space, node_id))
+        return cached[0] if cached is not None and cached[0].version == version else None
 
     # ------------------------------------------------------------------ reading
 

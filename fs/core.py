@@ -224,6 +224,11 @@ class Core:
         #: (version, gen) of a file when it was last opened: equal at the next open means
         #: the kernel's pages are still right (keep_cache)
         self._opened_as: dict[int, tuple[int, int]] = {}
+        #: the version of each file in the last attributes given to the kernel
+        self._told: dict[int, int] = {}
+        #: files a remote change replaced since the kernel last heard of them: the
+        #: version it heard of (see `remote_change` and `read`)
+        self._before: dict[int, int] = {}
         self._append_locks: dict[Key, trio.Lock] = {}
 
     # ------------------------------------------------------------------ inodes
@@ -274,6 +279,8 @@ class Core:
                 del self._known[ino]
                 del self._inos[known.key]
                 self._opened_as.pop(ino, None)
+                self._told.pop(ino, None)
+                self._before.pop(ino, None)
                 self.replica.release(*known.key)
 
     def known_spaces(self) -> set[str]:
@@ -281,6 +288,14 @@ class Core:
 
     def known_inodes(self, space: str) -> list[int]:
         return [ino for ino, k in self._known.items() if k.key[0] == space]
+
+    def remote_change(self, inv: Invalidation) -> None:
+        """A `Replica.listeners` entry, called as a remote change is applied, before the
+        kernel hears of it: notes the version the kernel knows of each file it names."""
+        for ino in self.kernel_targets(inv)[0]:
+            told = self._told.get(ino)
+            if told is not None:
+                self._before.setdefault(ino, told)
 
     def kernel_targets(self, inv: Invalidation) -> tuple[list[int], list[tuple[int, bytes]]]:
         """The inodes and (parent inode, name) entries the kernel may cache for an
@@ -315,6 +330,9 @@ class Core:
         else:
             kind_bits = stat.S_IFREG
         size = len(node.target.encode()) if node.kind == Kind.SYMLINK else node.size
+        if node.kind == Kind.FILE:
+            self._told[ino] = node.version
+            self._before.pop(ino, None)
         return Attrs(
             ino=ino,
             mode=kind_bits | (node.mode & 0o7777),
@@ -610,6 +628,18 @@ class Core:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
+        told = self._before.get(handle.ino)
+        if told is not None:
+            # A remote change cut the file short after the kernel last heard of it, and
+            # the kernel reads within the size it knows. A short answer would make it
+            # fill the rest of its pages with zeros and keep them as the file's until
+            # its invalidation lands: answer as of the version it knows, while that
+            # version's layout is kept.
+            node = self.replica.node(*handle.key)
+            old = self.replica.content.retired(*handle.key, told)
+            if (old is not None and not node.flags & Flag.DIRTY
+                    and node.size < min(offset + size, old.size)):
+                return await self.replica.content.read(old, offset, size)
         return await self.replica.read(*handle.key, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

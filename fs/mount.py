@@ -313,7 +313,7 @@ async def _serve(
                 pyfuse3.init(operations, str(mountpoint), _fuse_options(options))
             except RuntimeError as exc:
                 raise MountError(f"cannot mount at {mountpoint}: {exc}") from None
-            replica.listeners.append(notifier.listen)
+            replica.listeners.extend([core.remote_change, notifier.listen])
             log.info("mounted %s at %s", home, mountpoint)
             try:
                 async with trio.open_nursery() as nursery:
@@ -331,6 +331,7 @@ async def _serve(
                     nursery.cancel_scope.cancel()
             finally:
                 replica.listeners.remove(notifier.listen)
+                replica.listeners.remove(core.remote_change)
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", mountpoint)
             await _drain(session)

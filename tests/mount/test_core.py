@@ -27,6 +27,11 @@ def home(cluster: Cluster):
     return home
 
 
+@pytest.fixture
+def two_devices(cluster: Cluster):
+    return cluster.account(devices=2)
+
+
 def _accept(limit: int, seen: list):
     def reply(name: bytes, attrs, next_id: int) -> bool:
         if len(seen) >= limit:
@@ -157,6 +162,38 @@ async def test_core_unlinked_file_lives_until_released_and_forgotten(home):
         await session.sync()
         with pytest.raises(NotFound):
             r.node(*key)
+
+
+async def test_core_reads_as_of_the_version_the_kernel_knows_until_it_hears_of_a_cut(
+    two_devices,
+):
+    """A remote change cuts a file short after the kernel last heard of its size. A read
+    within that size gets the version the kernel knows (a short answer there would make
+    the kernel fill its pages with zeros and keep them as the file's), until the kernel
+    is given the new attributes."""
+    home_a, home_b = two_devices
+    x0 = os.urandom(300_000)
+    async with Session.open(home_a) as a, Session.open(home_b) as b:
+        writer = Core(a.replica, home_a)
+        fh, written = writer.create(ROOT_INODE, b"doc", 0o644, os.O_WRONLY, 0, 0)
+        await writer.write(fh, 0, x0)
+        writer.release(fh)
+        await a.sync()
+        await b.sync()
+        core = Core(b.replica, home_b)
+        b.replica.listeners.append(core.remote_change)
+        ino = core.lookup(ROOT_INODE, b"doc").ino  # the kernel hears of 300,000 bytes
+        fh, _ = await core.open(ino, os.O_RDONLY)
+        assert await core.read(fh, 0, 1 << 20) == x0
+        await writer.setattr(written.ino, size=10)
+        await a.sync()
+        await b.sync()  # applied on B; the kernel has not asked since
+        assert b.replica.node(*core.key_of(ino)).size == 10
+        assert await core.read(fh, 0, 1 << 20) == x0
+        assert await core.read(fh, 131072, 131072) == x0[131072:262144]
+        assert core.getattr(ino).size == 10  # now it knows
+        assert await core.read(fh, 0, 1 << 20) == x0[:10]
+        core.release(fh)
 
 
 async def test_core_space_wide_invalidation_names_every_known_inode(home):
