@@ -533,7 +533,7 @@ class Flusher:
         self.uploaded_bytes += sum(len(b) for c, b in unique.items() if c in missing)
         if keep_local:
             for chunk_id, blob in unique.items():
-                self.replica.chunks.cache(space, chunk_id, blob)
+                await self.replica.chunks.keep(space, chunk_id, blob)
 
     # ------------------------------------------------------------------ results
 

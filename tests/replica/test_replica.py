@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import cache.chunks as chunks_module
 from backend.http import HttpBackend
 from cache.errors import Corrupt, Offline
 from cache.keys import WrongPassword
@@ -360,6 +361,31 @@ async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):
                 peak = max(peak, t.cache_bytes())
         assert h.hexdigest() == sha256_of(tmp_path / "movie.bin")
         assert 0 < peak <= cap
+
+
+async def test_replica_saved_file_stays_readable_offline_when_the_cache_writer_lags(
+    devices, server, monkeypatch
+):
+    # Once a save commits, its dirty pages go and the chunks it sent are the file's only
+    # local copy. With the cache writer's queue held to 1 MiB, a save of 40 MB outruns it
+    # at once: it must wait for the writer, never leave chunks out.
+    monkeypatch.setattr(chunks_module, "UNWRITTEN_BYTES", 1 << 20)
+    home = await devices.add()
+    data = random.Random(7).randbytes(40_000_000)
+    async with Session.open(home) as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "saved.bin")
+        for offset in range(0, len(data), 1 << 20):
+            await r.write(r.home, node.id, offset, data[offset : offset + (1 << 20)])
+        r.flush(r.home, node.id)
+        await a.sync()
+        assert not r.node(r.home, node.id).flags & Flag.DIRTY
+        server.stop()
+        try:
+            with trio.fail_after(30):
+                assert await r.read(r.home, node.id, 0, len(data) + 1) == data
+        finally:
+            server.start()
 
 
 async def test_replica_offline_uncached_read_fails_fast(devices, server, tmp_path):
