@@ -253,9 +253,13 @@ class ChunkSource:
             with self.store.write() as t:
                 for space, chunk_id in touched:
                     t.touch_chunk(space, chunk_id)
-                added = [t.put_chunk(space, chunk_id, blob)
-                         for (space, chunk_id), blob in items.items()]
-                if any(added):
+                added = False
+                for (space, chunk_id), blob in items.items():
+                    if t.put_chunk(space, chunk_id, blob):
+                        added = True
+                    else:
+                        t.touch_chunk(space, chunk_id)  # wanted again: not next to evict
+                if added:
                     t.evict(self.cap)
         except StoreFull:
             log.warning("local store full; %d chunks not cached", len(items))
@@ -267,6 +271,12 @@ class ChunkSource:
         finally:
             self._taken.set()
             self._taken = None
+            # A save's kept chunks may still be queued, its pages already gone: write
+            # them before the store closes (an unmount right after a save).
+            items, self._unwritten, self._unwritten_bytes = self._unwritten, {}, 0
+            touched, self._untouched = self._untouched, set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._write_items, items, touched)
 
     async def _write_bursts(self) -> None:
         while True:
