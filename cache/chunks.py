@@ -253,13 +253,9 @@ class ChunkSource:
             with self.store.write() as t:
                 for space, chunk_id in touched:
                     t.touch_chunk(space, chunk_id)
-                added = False
-                for (space, chunk_id), blob in items.items():
-                    if t.put_chunk(space, chunk_id, blob):
-                        added = True
-                    else:
-                        t.touch_chunk(space, chunk_id)  # wanted again: not next to evict
-                if added:
+                added = [t.put_chunk(space, chunk_id, blob)
+                         for (space, chunk_id), blob in items.items()]
+                if any(added):
                     t.evict(self.cap)
         except StoreFull:
             log.warning("local store full; %d chunks not cached", len(items))

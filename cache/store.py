@@ -488,9 +488,12 @@ class Txn:
         return ChunkMeta.decode(value) if value is not None else None
 
     def put_chunk(self, space: str, chunk_id: str, blob: bytes, pins: int = 0) -> bool:
-        """Caches a sealed chunk; False if it was there already."""
+        """Caches a sealed chunk; False if it was there already, and then it counts as
+        just used (a save that keeps it must not see the same burst evict it first)."""
         key = raw(space) + bytes.fromhex(chunk_id)
-        if self.txn.get(key, db=self.db["chunkmeta"]) is not None:
+        value = self.txn.get(key, db=self.db["chunkmeta"])
+        if value is not None:
+            self._touch(key, ChunkMeta.decode(value))
             return False
         now = time.time_ns()
         self.txn.put(key, blob, db=self.db["chunks"])
@@ -502,9 +505,10 @@ class Txn:
     def touch_chunk(self, space: str, chunk_id: str) -> None:
         key = raw(space) + bytes.fromhex(chunk_id)
         value = self.txn.get(key, db=self.db["chunkmeta"])
-        if value is None:
-            return
-        meta = ChunkMeta.decode(value)
+        if value is not None:
+            self._touch(key, ChunkMeta.decode(value))
+
+    def _touch(self, key: bytes, meta: ChunkMeta) -> None:
         now = time.time_ns()
         self.txn.delete(u64(meta.atime_ns) + key, db=self.db["lru"])
         self.txn.put(u64(now) + key, b"", db=self.db["lru"])

@@ -156,3 +156,18 @@ def test_the_tree_version_moves_with_nodes_and_entries_only(tmp_path: Path):
         t.del_node(SPACE, node.id)
     assert moved()
     store.close()
+
+
+def test_caching_a_chunk_again_counts_as_using_it(tmp_path: Path):
+    # A save keeps chunks it shares with older files: those must not be the burst's
+    # first to go when it evicts down to the cap.
+    store = Store(tmp_path / "store")
+    old, other = "ab" * 32, "cd" * 32
+    with store.write() as t:
+        assert t.put_chunk(SPACE, old, b"x" * 100)
+        assert t.put_chunk(SPACE, other, b"y" * 100)
+        assert not t.put_chunk(SPACE, old, b"x" * 100)
+        assert t.evict(100) == 100
+        assert t.chunk_meta(SPACE, old) is not None
+        assert t.chunk_meta(SPACE, other) is None
+    store.close()
