@@ -58,11 +58,11 @@ async def write_new(replica, name: str, data: bytes):
     return node
 
 
-async def until(check, step: float = 0.05) -> None:
-    """Returns once `check()` holds (callers bound the wait)."""
+async def until(check, step: float = 0.05):
+    """Returns what `check()` returns once that is true (callers bound the wait)."""
     while True:
-        if check():
-            return
+        if value := check():
+            return value
         await trio.sleep(step)
 
 
@@ -305,13 +305,14 @@ async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
 
 async def cached_blob(store: Store, space: str, chunk_id: str) -> bytes:
     """The blob of a chunk once the cache writer has stored it."""
+
+    def blob() -> bytes | None:
+        with store.read() as t:
+            view = t.chunk_view(space, chunk_id)
+            return None if view is None else bytes(view)
+
     with trio.fail_after(10):
-        while True:
-            with store.read() as t:
-                view = t.chunk_view(space, chunk_id)
-                if view is not None:
-                    return bytes(view)
-            await trio.sleep(0.02)
+        return await until(blob, step=0.02)
 
 
 async def test_replica_damaged_cached_copy_is_fetched_again(
