@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
@@ -11,10 +12,14 @@ from tests.serverproc import ServerProcess
 
 
 def test_long_poll_wakes_quickly_on_another_devices_commit(server: ServerProcess):
+    """The parked poll is woken by the commit itself, not by a timer: its answer
+    comes within milliseconds of the commit's acknowledgement. Measured from the
+    acknowledgement, so that the commit's own disk sync does not count; judged on the
+    median, so that one scheduling hiccup on a busy machine does not decide it."""
     with Api(server.url) as api:
         laptop = api.signup()
         phone = api.login(laptop.name)
-        woke: list[float] = []
+        after_ack: list[float] = []
         for i in range(5):
             head = api.get(phone, f"/v1/spaces/{laptop.home}").json()["head"]
             answer: dict = {}
@@ -27,14 +32,15 @@ def test_long_poll_wakes_quickly_on_another_devices_commit(server: ServerProcess
             t = threading.Thread(target=poll)
             t.start()
             time.sleep(0.3)  # the poll is parked
-            committed = time.monotonic()
             api.commit_ok(laptop, laptop.home, [mkdir(ROOT_NODE, f"d{i}")])
+            acknowledged = time.monotonic()
             t.join(10)
             assert not t.is_alive()
-            woke.append(answer["at"] - committed)
+            after_ack.append(answer["at"] - acknowledged)
             changes = answer["spaces"][laptop.home]["changes"]
             assert [c["name"] for c in changes] == [f"d{i}"]
-        assert max(woke) < 0.1, woke
+        assert statistics.median(after_ack) < 0.05, after_ack
+        assert max(after_ack) < 1, after_ack
 
 
 def test_long_poll_times_out_empty(api: Api):
