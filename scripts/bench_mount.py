@@ -105,7 +105,7 @@ class Settings:
     def of(cls, args: argparse.Namespace) -> Settings:
         if args.quick:
             return cls(256 * MiB, 500, 200, 20.0, 20, 2, 0.0, GiB, args.cache_size)
-        return cls(GiB, 10_000, 0, 150.0, 100, 8, 60.0, 10 * GiB, args.cache_size)
+        return cls(GiB, 10_000, 0, 150.0, 100, 8, 20.0, 10 * GiB, args.cache_size)
 
 
 # ------------------------------------------------------------------------- results
