@@ -86,6 +86,8 @@ class ReplicaState:
     #: those of them whose writer closed the file, in the order of the closes: journaled
     #: within CLOSE_LINGER (see close_written)
     closed: dict[tuple[str, str], None] = field(default_factory=dict)
+    #: those of them with a descriptor closed while the handle stays open (see flushed)
+    flushed: dict[tuple[str, str], None] = field(default_factory=dict)
     #: open handles per node (a node without entries lives while held)
     held: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: spaces whose mirror must be rebuilt from a snapshot once nothing is pending
@@ -143,8 +145,9 @@ class Replica:
         entry first, so that the journal keeps the order of events: a save through a
         temporary name is create, content, rename, and travels as one create."""
         key = (entry.space, entry.node)
-        if key in self.state.closed:
-            del self.state.closed[key]
+        if key in self.state.closed or key in self.state.flushed:
+            self.state.closed.pop(key, None)
+            self.state.flushed.pop(key, None)
             written = self.state.unjournaled.pop(key, None) is not None
             if written and not self._content_pending(key):
                 self._append(t, Pending("content", *key))
@@ -650,6 +653,7 @@ class Replica:
         content is journaled at the next close or once it is quiet."""
         self.state.unjournaled[(space, node_id)] = time.monotonic()
         self.state.closed.pop((space, node_id), None)
+        self.state.flushed.pop((space, node_id), None)
 
     def flush(self, space: str, node_id: str) -> None:
         """Journals the file's content now if it has unjournaled writes (fsync)."""
@@ -669,6 +673,7 @@ class Replica:
         for key in keys:
             del self.state.unjournaled[key]
             self.state.closed.pop(key, None)
+            self.state.flushed.pop(key, None)
         for key in todo:
             self.state.pending[key]["content"] += 1
         if todo:
@@ -696,9 +701,22 @@ class Replica:
         device keeps what a crash keeps of any unsynced file, and a DIRTY node without
         a journaled content is journaled when the replica opens (_rebuild_state)."""
         key = (space, node_id)
+        self.state.flushed.pop(key, None)
         if key in self.state.unjournaled:
             self.state.closed[key] = None
             self._closed_event.set()
+
+    def flushed(self, space: str, node_id: str) -> None:
+        """close(2) of one descriptor of a handle that wrote the file (FUSE's flush),
+        which other descriptors of the same open file may outlive: a child that
+        inherited it (`cmd > log`, make) or a dup. The content waits for the handle's
+        release (close_written) or the quiet period: journaling it here uploaded half a
+        file whenever a child closed its copy while the parent went on writing. An op
+        on the file before then journals the content first, as for a closed file
+        (journal): close, then rename, is still one save."""
+        key = (space, node_id)
+        if key in self.state.unjournaled:
+            self.state.flushed[key] = None
 
     def fsync(self, space: str, node_id: str) -> None:
         """Makes the file's writes durable locally (they are: each write is a synced

@@ -654,9 +654,10 @@ class Core:
             return await self.replica.write(*handle.key, end, data)
 
     def flush(self, fh: int) -> None:
+        """A close(2) of one of the handle's descriptors; the last one ends in release."""
         handle = self._handle(fh)
         if handle.written:
-            self.replica.close_written(*handle.key)
+            self.replica.flushed(*handle.key)
 
     def fsync(self, fh: int) -> None:
         self.replica.fsync(*self._handle(fh).key)

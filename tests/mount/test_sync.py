@@ -3,9 +3,12 @@ mount within seconds, through the kernel's caches (entries, attributes, pages)."
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import time
 
-from tests.mount.conftest import Cluster, wait_for
+from tests.mount.conftest import LOFT, Cluster, _env, wait_for
 
 VISIBLE_WITHIN = 2.0
 
@@ -87,3 +90,36 @@ def test_mount_concurrent_edits_keep_both_versions(cluster: Cluster):
     copy = next(n for n in names if "conflicted copy" in n)
     assert os.getxattr(a / copy, "user.loft.state") in (b"conflict", b"pending")
     assert sorted(os.listdir(b)) == sorted(names)
+
+
+def test_mount_a_forked_child_closing_its_copy_does_not_upload_half_a_file(cluster: Cluster):
+    """`cmd > log` and make: children inherit the descriptor and close it (FUSE's
+    flush) while another process goes on writing through it. The file travels when
+    its last descriptor closes (release), not at every close of one of them, which
+    made other devices see, and the server keep, a version with half the file."""
+    (home,) = cluster.account()
+    a = cluster.mount(home).path
+    first, rest = b"first half\n" * 1000, b"second half\n" * 1000
+    fd = os.open(a / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, first)
+        child = os.fork()
+        if child == 0:
+            os.close(fd)
+            os._exit(0)
+        os.waitpid(child, 0)
+        time.sleep(0.5)  # the writer thinks: longer than a close lingers, less than quiet
+        os.write(fd, rest)
+    finally:
+        os.close(fd)
+
+    def loft(*args: str) -> str:
+        result = subprocess.run([*LOFT, *args], env=_env(home), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    loft("sync", "--wait", "--timeout", "30")
+    history = json.loads(loft("versions", str(a / "log.txt"), "--json"))["versions"]
+    sizes = [v["size"] for v in history]
+    assert sizes[0] == len(first) + len(rest), sizes
+    assert len(first) not in sizes, sizes
