@@ -83,11 +83,10 @@ class ReplicaState:
     )
     #: nodes written since they were last journaled, with the time of the last write
     unjournaled: dict[tuple[str, str], float] = field(default_factory=dict)
-    #: those of them whose writer closed the file, in the order of the closes: journaled
-    #: within CLOSE_LINGER (see close_written)
-    closed: dict[tuple[str, str], None] = field(default_factory=dict)
-    #: those of them with a descriptor closed while the handle stays open (see flushed)
-    flushed: dict[tuple[str, str], None] = field(default_factory=dict)
+    #: those of them whose writer closed a descriptor, in the order of the closes, and
+    #: whether that ended the handle: those are journaled within CLOSE_LINGER (see
+    #: close_written), the others at their release (see flushed)
+    closed: dict[tuple[str, str], bool] = field(default_factory=dict)
     #: open handles per node (a node without entries lives while held)
     held: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: spaces whose mirror must be rebuilt from a snapshot once nothing is pending
@@ -145,9 +144,8 @@ class Replica:
         entry first, so that the journal keeps the order of events: a save through a
         temporary name is create, content, rename, and travels as one create."""
         key = (entry.space, entry.node)
-        if key in self.state.closed or key in self.state.flushed:
-            self.state.closed.pop(key, None)
-            self.state.flushed.pop(key, None)
+        if key in self.state.closed:
+            del self.state.closed[key]
             written = self.state.unjournaled.pop(key, None) is not None
             if written and not self._content_pending(key):
                 self._append(t, Pending("content", *key))
@@ -653,7 +651,6 @@ class Replica:
         content is journaled at the next close or once it is quiet."""
         self.state.unjournaled[(space, node_id)] = time.monotonic()
         self.state.closed.pop((space, node_id), None)
-        self.state.flushed.pop((space, node_id), None)
 
     def flush(self, space: str, node_id: str) -> None:
         """Journals the file's content now if it has unjournaled writes (fsync)."""
@@ -673,7 +670,6 @@ class Replica:
         for key in keys:
             del self.state.unjournaled[key]
             self.state.closed.pop(key, None)
-            self.state.flushed.pop(key, None)
         for key in todo:
             self.state.pending[key]["content"] += 1
         if todo:
@@ -688,7 +684,8 @@ class Replica:
         """Journals now what close_written left for the quiet journaler, and the files
         `also`; on a full disk they wait for the journaler's next round."""
         try:
-            self.journal_writes([*self.state.closed, *also])
+            released = [key for key, ended in self.state.closed.items() if ended]
+            self.journal_writes([*released, *also])
         except StoreFull as exc:
             log.warning("written files wait to be journaled: %s", exc)
 
@@ -701,9 +698,8 @@ class Replica:
         device keeps what a crash keeps of any unsynced file, and a DIRTY node without
         a journaled content is journaled when the replica opens (_rebuild_state)."""
         key = (space, node_id)
-        self.state.flushed.pop(key, None)
         if key in self.state.unjournaled:
-            self.state.closed[key] = None
+            self.state.closed[key] = True
             self._closed_event.set()
 
     def flushed(self, space: str, node_id: str) -> None:
@@ -716,7 +712,7 @@ class Replica:
         (journal): close, then rename, is still one save."""
         key = (space, node_id)
         if key in self.state.unjournaled:
-            self.state.flushed[key] = None
+            self.state.closed.setdefault(key, False)
 
     def fsync(self, space: str, node_id: str) -> None:
         """Makes the file's writes durable locally (they are: each write is a synced
