@@ -25,6 +25,8 @@ from loft.protocol import ChunkRef
 log = logging.getLogger(__name__)
 
 GetChunk = Callable[[str, str], Awaitable[bytes]]
+#: (space, chunk id, lo, hi) -> those plaintext bytes, or None: take the chunk whole
+GetRange = Callable[[str, str, int, int], Awaitable[bytes | None]]
 
 #: Layouts of replaced versions kept for `Content.retired`, the most recent this many.
 RETIRED = 64
@@ -68,11 +70,13 @@ class Content:
         sealer: DirtySealer,
         get_chunk: GetChunk,
         prefetch: Callable[[str, list[str]], None],
+        get_range: GetRange | None = None,
     ) -> None:
         self.store = store
         self.sealer = sealer
         self.get_chunk = get_chunk
         self.prefetch = prefetch
+        self.get_range = get_range
         #: each file's base layout, with the node it was first laid out for
         self._layouts: dict[tuple[str, str], tuple[Node, Layout]] = {}
         #: the same for clean versions that a change has replaced since (see `retired`)
@@ -149,11 +153,22 @@ class Content:
             if len(span) > 1:
                 # fetch the span's chunks side by side; the loop below joins those fetches
                 self.prefetch(node.space, [layout.chunks[i][0] for i in span][1:])
+            # a read within one chunk, not where the last read of the file ended: a
+            # random read, which needs only the blocks that hold its bytes
+            random = (
+                prefetch and len(span) == 1 and self.get_range is not None
+                and self._last_end.get((node.space, node.id)) != offset
+            )  # fmt: skip
             for i in span:
                 chunk_id, length = layout.chunks[i]
                 start = layout.starts[i]
-                plain = await self.get_chunk(node.space, chunk_id)
                 lo, hi = max(offset, start) - start, min(data_end, start + length) - start
+                if random and (lo, hi) != (0, length):
+                    part = await self.get_range(node.space, chunk_id, lo, hi)
+                    if part is not None:
+                        parts.append(part)
+                        continue
+                plain = await self.get_chunk(node.space, chunk_id)
                 parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
             if prefetch:
                 self._maybe_prefetch(node, layout, span, offset, end)

@@ -112,7 +112,7 @@ class Replica:
         self.device_name = device_name
         self.net = connectivity
         self.read_only = read_only
-        self.content = Content(store, sealer, chunks.get, chunks.prefetch)
+        self.content = Content(store, sealer, chunks.get, chunks.prefetch, chunks.get_range)
         self.state = ReplicaState()
         self._locks: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
         self._journal_event = trio.Event()

@@ -15,6 +15,7 @@ import trio
 
 import cache.chunks as chunks_module
 from backend.http import HttpBackend
+from cache.codec import HEADER_BYTES as HEADER
 from cache.errors import Corrupt, Offline
 from cache.keys import WrongPassword
 from cache.records import Flag
@@ -347,6 +348,50 @@ async def test_replica_damaged_cached_copy_is_fetched_again(
     async with Session.open(b_home) as b:
         assert await read_path(b, "data.bin") == src.read_bytes()
         assert await cached_blob(b.store, space, chunk_id) == good
+
+
+async def test_replica_random_reads_open_only_the_blocks_they_need(
+    devices, tmp_path, monkeypatch, allow_error_logs
+):
+    """Random reads of a cached, uncompressed file come from the blocks that hold them
+    once each chunk was opened whole: right bytes at every offset, and a block damaged
+    in the cache afterwards is caught (the chunk is fetched again), never returned."""
+    monkeypatch.setattr(chunks_module, "DECODED_BYTES", 1)  # keeps one decoded chunk
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "data.bin", 9_000_000, seed=7)
+    data = src.read_bytes()
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+    async with Session.open(b_home) as b:
+        await b.sync()
+        r, chunks = b.replica, b.replica.chunks
+        assert await read_path(b, "data.bin") == data
+        node = r.resolve("data.bin")
+        layout = r.content.layout(node)
+        assert len(layout.chunks) >= 3, layout.chunks
+        rng = random.Random(8)
+        for _ in range(300):
+            offset, size = rng.randrange(len(data)), rng.choice([1, 4096, 70_000])
+            assert await r.read(r.home, node.id, offset, size) == data[offset : offset + size]
+        assert chunks.block_reads > 100, chunks.block_reads
+
+        # damage one block of the second chunk's cached blob, as the disk might
+        chunk_id = layout.chunks[1][0]
+        start = layout.starts[1]
+        good = await cached_blob(b.store, r.home, chunk_id)
+        bad = bytearray(good)
+        bad[HEADER + 40_000] ^= 0x01
+        with b.store.write() as t:
+            t.delete_chunk(r.home, chunk_id)
+            t.put_chunk(r.home, chunk_id, bytes(bad))
+        # a whole chunk read takes the one decoded copy: chunk 1 is not decoded now
+        await r.read(r.home, node.id, layout.starts[2], layout.chunks[2][1])
+        before = chunks.block_reads
+        at = start + 40_000 - 10
+        assert await r.read(r.home, node.id, at, 4096) == data[at : at + 4096]
+        assert chunks.block_reads == before  # not from the damaged block
+        assert await cached_blob(b.store, r.home, chunk_id) == good  # fetched again
 
 
 async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):

@@ -17,6 +17,7 @@ from cache.codec import (
     MAGIC,
     PROBE_BYTES,
     PROBES,
+    RANGE_BLOCK,
     TAG_BYTES,
     ChunkCodec,
     CodecError,
@@ -270,6 +271,62 @@ async def test_codec_async_seal_and_open_roundtrip(codec: ChunkCodec) -> None:
 
 
 # ---------------------------------------------------------------- dirty pages
+
+
+TAG_KEY = bytes(range(64, 96))
+
+
+def test_codec_range_reads_match_the_plaintext_at_every_edge(codec: ChunkCodec) -> None:
+    size = 3 * RANGE_BLOCK + 100
+    plaintext = _random(size, seed=11)
+    chunk_id, blob = codec.seal(plaintext)
+    tags = codec.block_tags(blob, TAG_KEY)
+    assert tags is not None and len(tags) == 4 * 16
+    edges = [0, 1, 15, 16, 17, RANGE_BLOCK - 1, RANGE_BLOCK, RANGE_BLOCK + 1, size - 1, size]
+    rng = random.Random(3)
+    ranges = [(lo, hi) for lo in edges for hi in edges if lo < hi]
+    ranges += [tuple(sorted(rng.sample(range(size + 1), 2))) for _ in range(200)]
+    for lo, hi in ranges:
+        assert codec.open_range(chunk_id, blob, tags, TAG_KEY, lo, hi) == plaintext[lo:hi]
+    with pytest.raises(ValueError):
+        codec.open_range(chunk_id, blob, tags, TAG_KEY, 0, size + 1)
+
+
+def test_codec_compressed_chunks_have_no_block_tags(codec: ChunkCodec) -> None:
+    _, blob = codec.seal(TEXT)
+    assert blob[4] & FLAG_COMPRESSED
+    assert codec.block_tags(blob, TAG_KEY) is None
+
+
+@pytest.mark.parametrize("where", [HEADER_BYTES, HEADER_BYTES + RANGE_BLOCK + 5])
+def test_codec_range_read_of_a_changed_block_raises_corrupt_chunk(
+    codec: ChunkCodec, where: int
+) -> None:
+    plaintext = _random(2 * RANGE_BLOCK, seed=12)
+    chunk_id, blob = codec.seal(plaintext)
+    tags = codec.block_tags(blob, TAG_KEY)
+    bad = bytearray(blob)
+    bad[where] ^= 0x01
+    block = (where - HEADER_BYTES) // RANGE_BLOCK
+    lo = block * RANGE_BLOCK + 7
+    with pytest.raises(CorruptChunk, match=chunk_id):
+        codec.open_range(chunk_id, bytes(bad), tags, TAG_KEY, lo, lo + 10)
+    other = (1 - block) * RANGE_BLOCK  # the other block still reads
+    assert codec.open_range(chunk_id, bytes(bad), tags, TAG_KEY, other, other + 10) == (
+        plaintext[other : other + 10]
+    )
+    with pytest.raises(CorruptChunk):  # tags taken under another key do not vouch
+        codec.open_range(chunk_id, blob, tags, bytes(32), lo, lo + 10)
+
+
+def test_codec_range_read_of_a_replaced_blob_declines(codec: ChunkCodec) -> None:
+    """The same chunk sealed again (another nonce) is not the blob that was tagged."""
+    plaintext = _random(RANGE_BLOCK * 2, seed=13)
+    chunk_id, blob = codec.seal(plaintext)
+    tags = codec.block_tags(blob, TAG_KEY)
+    _, again = codec.seal(plaintext)
+    assert codec.open_range(chunk_id, again, tags, TAG_KEY, 0, 10) is None
+    assert codec.open_range(chunk_id, blob[:-1], tags, TAG_KEY, 0, 10) is None
 
 
 def test_dirty_sealer_roundtrip_and_no_plaintext() -> None:
