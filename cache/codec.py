@@ -16,6 +16,9 @@ Promises:
 - `ChunkCodec.open` returns the exact plaintext whose id was asked for, or raises
   `CorruptChunk` naming the chunk: it verifies the tag, bounds the decompressed size by
   `MAX_CHUNK_PLAINTEXT`, and checks the plaintext's id. It never returns wrong bytes.
+- `ChunkCodec.open_range` returns bytes of an uncompressed blob from the blocks that
+  hold them, each checked against tags `block_tags` took of that blob right after
+  `open` accepted it; a block changed since raises `CorruptChunk`.
 - Sealing never leaks plaintext: blobs hold only the header and AEAD output. Data that
   zstd would not shrink by `MIN_SAVING` is stored uncompressed.
 - All work runs in C code that releases the GIL (BLAKE3, zstd, AES-GCM), so callers can
