@@ -110,8 +110,9 @@ class ChunkSource:
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, space: str, chunk_id: str) -> bytes:
-        """The plaintext of a chunk. Raises Offline, Corrupt."""
+    async def get(self, space: str, chunk_id: str, *, tag: bool = False) -> bytes:
+        """The plaintext of a chunk. Raises Offline, Corrupt. With `tag`, a chunk opened
+        whole from the local cache has its blocks tagged too, for `get_range`."""
         key = (space, chunk_id)
         while True:
             hit = self._decoded.get(key)
@@ -124,24 +125,30 @@ class ChunkSource:
             await event.wait()  # the one fetch under way; then look again
         event = self._inflight[key] = trio.Event()
         try:
-            plain = await self._load(space, chunk_id)
+            plain = await self._load(space, chunk_id, tag)
             self._remember(key, plain)
             return plain
         finally:
             del self._inflight[key]
             event.set()
 
-    async def _load(self, space: str, chunk_id: str) -> bytes:
+    async def _load(self, space: str, chunk_id: str, tag: bool) -> bytes:
+        key = (space, chunk_id)
         codec = self.codec_of(space)
-        blob = self._unwritten.get((space, chunk_id)) or self._writing.get((space, chunk_id))
+        blob = self._unwritten.get(key) or self._writing.get(key)
         try:
             if blob is not None:
-                plain = await codec.open_async(chunk_id, blob)
+                opened = await codec.open_async(chunk_id, blob), None
             else:
                 # read and open in one worker thread: reading a cached chunk faults the
                 # map's pages in from disk, which must not stall the trio thread
-                plain = await run_cpu(self._open_cached, codec, space, chunk_id)
-            if plain is not None:
+                opened = await run_cpu(self._open_cached, codec, space, chunk_id, tag)
+            if opened is not None:
+                plain, tags = opened
+                if tags is not None:
+                    self._tags[key] = tags
+                    if len(self._tags) > TAGGED_CHUNKS:
+                        self._tags.popitem(last=False)
                 self._touch(space, chunk_id)
                 return plain
         except CorruptChunk as exc:
@@ -161,8 +168,11 @@ class ChunkSource:
         self.cache(space, chunk_id, blob)
         return plain
 
-    def _open_cached(self, codec: ChunkCodec, space: str, chunk_id: str) -> bytes | None:
-        """The plaintext of a chunk in the local cache, None if it is not there. The
+    def _open_cached(
+        self, codec: ChunkCodec, space: str, chunk_id: str, tag: bool
+    ) -> tuple[bytes, BlockTags | None] | None:
+        """The plaintext of a chunk in the local cache, None if it is not there, and
+        with `tag` the tags of its blocks, taken in the same read of the blob. The
         cache admits only blobs whose content was checked against their id (downloads,
         pins) or that this device sealed (uploads), so only their seal is checked; in a
         store that may hold blobs cached before that rule, everything is."""
@@ -170,73 +180,38 @@ class ChunkSource:
             blob = t.chunk_view(space, chunk_id)
             if blob is None:
                 return None
-            return codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
+            plain = codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
+            return plain, codec.block_tags(blob, self._tag_key) if tag else None
 
-    async def get_range(self, space: str, chunk_id: str, lo: int, hi: int) -> bytes | None:
-        """Plaintext bytes [lo, hi) of a chunk, for a random read: from the decoded
-        copy, else from the blocks of the cached blob that hold them (a 4 KiB read
-        then decrypts 32 KiB, not a 2 MiB chunk). The first such read of a chunk opens
-        it whole and tags its blocks. None when the chunk is not in the local cache or
-        is compressed: the caller then takes it whole (`get`)."""
+    async def get_range(self, space: str, chunk_id: str, lo: int, hi: int) -> bytes:
+        """Plaintext bytes [lo, hi) of a chunk, for a random read. Once the chunk was
+        opened whole from the local cache (which tags its blocks, if it is not
+        compressed), they come from the blocks of the cached blob that hold them: a 4
+        KiB read then decrypts 32 KiB, not a 2 MiB chunk. Otherwise, or if the blob
+        changed since, the chunk is taken whole (`get`)."""
         key = (space, chunk_id)
-        hit = self._decoded.get(key)
-        if hit is not None:
-            self._decoded.move_to_end(key)
-            return hit[lo:hi]
-        if key in self._inflight or key in self._unwritten or key in self._writing:
-            return None
-        codec = self.codec_of(space)
         tags = self._tags.get(key)
-        try:
-            if tags is None:
-                opened = await run_cpu(self._open_cached_tagged, codec, space, chunk_id)
-                if opened is None:
-                    return None
-                plain, tags = opened
-                self._remember(key, plain)
-                if tags is None:  # compressed: this read has its bytes, the next opens it whole
-                    self._touch(space, chunk_id)
-                    return plain[lo:hi]
-                part = plain[lo:hi]
-            else:
-                self._tags.move_to_end(key)
+        if tags is not None and key not in self._decoded:
+            codec = self.codec_of(space)
+            try:
                 # inline: one or two 32 KiB blocks cost ~20 us, less than a thread hop,
                 # and a fault on them is one small read of the map
-                part = self._open_cached_range(codec, space, chunk_id, tags, lo, hi)
-        except CorruptChunk as exc:
-            log.warning("cached copy of chunk %s failed a range read: %s", chunk_id, exc.reason)
-            part = tags = None  # `get` checks the whole blob and fetches it again
-        if tags is None or part is None:
-            self._tags.pop(key, None)
-            return None
-        if key not in self._tags:
-            self._tags[key] = tags
-            if len(self._tags) > TAGGED_CHUNKS:
-                self._tags.popitem(last=False)
-        else:
-            self.block_reads += 1
-        self._touch(space, chunk_id)
-        return part
-
-    def _open_cached_tagged(
-        self, codec: ChunkCodec, space: str, chunk_id: str
-    ) -> tuple[bytes, BlockTags | None] | None:
-        """`_open_cached`, and the blob's block tags from the same read of it."""
-        with self.store.read(views=True) as t:
-            blob = t.chunk_view(space, chunk_id)
-            if blob is None:
-                return None
-            plain = codec.open(chunk_id, blob, check_content=not self.store.chunks_checked)
-            return plain, codec.block_tags(blob, self._tag_key)
-
-    def _open_cached_range(
-        self, codec: ChunkCodec, space: str, chunk_id: str, tags: BlockTags, lo: int, hi: int
-    ) -> bytes | None:
-        with self.store.read(views=True) as t:
-            blob = t.chunk_view(space, chunk_id)
-            if blob is None:
-                return None
-            return codec.open_range(chunk_id, blob, tags, self._tag_key, lo, hi)
+                with self.store.read(views=True) as t:
+                    blob = t.chunk_view(space, chunk_id)
+                    part = None if blob is None else codec.open_range(
+                        chunk_id, blob, tags, self._tag_key, lo, hi
+                    )  # fmt: skip
+            except CorruptChunk as exc:
+                log.warning("cached chunk %s failed a range read: %s", chunk_id, exc.reason)
+                part = None  # `get` checks the whole blob, and fetches it again
+            if part is not None:
+                self._tags.move_to_end(key)
+                self.block_reads += 1
+                self._touch(space, chunk_id)
+                return part
+            del self._tags[key]
+        plain = await self.get(space, chunk_id, tag=True)
+        return plain[lo:hi]
 
     async def fetch(self, space: str, chunk_id: str) -> bytes:
         """The sealed blob from the server; Offline once the server sent nothing for

@@ -130,9 +130,6 @@ class BlockTags:
     blob_size: int
     tags: bytes
 
-    def __len__(self) -> int:
-        return len(self.tags)
-
 
 class CodecError(Exception):
     """Base of this module's errors."""

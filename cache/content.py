@@ -25,8 +25,8 @@ from loft.protocol import ChunkRef
 log = logging.getLogger(__name__)
 
 GetChunk = Callable[[str, str], Awaitable[bytes]]
-#: (space, chunk id, lo, hi) -> those plaintext bytes, or None: take the chunk whole
-GetRange = Callable[[str, str, int, int], Awaitable[bytes | None]]
+#: (space, chunk id, lo, hi) -> those plaintext bytes of the chunk
+GetRange = Callable[[str, str, int, int], Awaitable[bytes]]
 
 #: Layouts of replaced versions kept for `Content.retired`, the most recent this many.
 RETIRED = 64
@@ -70,7 +70,7 @@ class Content:
         sealer: DirtySealer,
         get_chunk: GetChunk,
         prefetch: Callable[[str, list[str]], None],
-        get_range: GetRange | None = None,
+        get_range: GetRange,
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -156,18 +156,15 @@ class Content:
             # a read within one chunk, not where the last read of the file ended: a
             # random read, which needs only the blocks that hold its bytes
             random = (
-                prefetch and len(span) == 1 and self.get_range is not None
-                and self._last_end.get((node.space, node.id)) != offset
-            )  # fmt: skip
+                prefetch and len(span) == 1 and self._last_end.get((node.space, node.id)) != offset
+            )
             for i in span:
                 chunk_id, length = layout.chunks[i]
                 start = layout.starts[i]
                 lo, hi = max(offset, start) - start, min(data_end, start + length) - start
                 if random and (lo, hi) != (0, length):
-                    part = await self.get_range(node.space, chunk_id, lo, hi)
-                    if part is not None:
-                        parts.append(part)
-                        continue
+                    parts.append(await self.get_range(node.space, chunk_id, lo, hi))
+                    continue
                 plain = await self.get_chunk(node.space, chunk_id)
                 parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
             if prefetch:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cache import codec as codec_module
 from cache.codec import (
+    BLOCK_TAG_BYTES,
     FLAG_COMPRESSED,
     HEADER_BYTES,
     MAGIC,
@@ -281,7 +282,7 @@ def test_codec_range_reads_match_the_plaintext_at_every_edge(codec: ChunkCodec) 
     plaintext = _random(size, seed=11)
     chunk_id, blob = codec.seal(plaintext)
     tags = codec.block_tags(blob, TAG_KEY)
-    assert tags is not None and len(tags) == 4 * 16
+    assert tags is not None and len(tags.tags) == 4 * BLOCK_TAG_BYTES
     edges = [0, 1, 15, 16, 17, RANGE_BLOCK - 1, RANGE_BLOCK, RANGE_BLOCK + 1, size - 1, size]
     rng = random.Random(3)
     ranges = [(lo, hi) for lo in edges for hi in edges if lo < hi]
