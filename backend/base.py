@@ -33,6 +33,7 @@ A commit refused for quota arrives as a `CommitConflict` whose results carry
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from loft.protocol import (
@@ -262,8 +263,10 @@ class Backend(Protocol):
         requests as the server's limits allow."""
         ...
 
-    async def get_chunk(self, space: str, chunk_id: str) -> bytes:
-        """One blob; `ChunkMissing` when the space does not hold it."""
+    async def get_chunk(self, space: str, chunk_id: str, ahead: Sequence[str] = ()) -> bytes:
+        """One blob; `ChunkMissing` when the space does not hold it. `ahead`: chunks of
+        the space the caller will ask for next, which the server may start reading (at
+        most MAX_READ_AHEAD_IDS; a hint)."""
         ...
 
     async def get_chunks(self, space: str, ids: list[str]) -> dict[str, bytes | None]:

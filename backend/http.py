@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -52,6 +52,8 @@ from loft.protocol import (
     MAX_BATCH_BODY_BYTES,
     MAX_BLOB_BYTES,
     MAX_IDS_PER_REQUEST,
+    MAX_READ_AHEAD_IDS,
+    READ_AHEAD_HEADER,
     ChangesRequest,
     ChangesResponse,
     ChunkIds,
@@ -290,6 +292,8 @@ class HttpBackend:
         self.wire_bytes_sent = 0
         self.wire_bytes_received = 0
         self.requests: Counter[str] = Counter()
+        #: chunk ids named in read-ahead headers (see `get_chunk`)
+        self.read_ahead_ids = 0
 
     def set_token(self, token: str | None) -> None:
         """The device token sent from now on (None: none)."""
@@ -480,13 +484,17 @@ class HttpBackend:
         where that is not followed (TLS goes through httpx)."""
         return self._raw.last_byte if self._raw is not None else None
 
-    async def get_chunk(self, space: str, chunk_id: str) -> bytes:
+    async def get_chunk(self, space: str, chunk_id: str, ahead: Sequence[str] = ()) -> bytes:
         path = f"/spaces/{_seg(space)}/chunks/{_seg(chunk_id)}"
+        ahead = ahead[:MAX_READ_AHEAD_IDS]
+        hint = {READ_AHEAD_HEADER: ",".join(ahead)} if ahead else {}
+        self.read_ahead_ids += len(ahead)
         if self._raw is None:
-            blob = (await self._send("get_chunk", "GET", path)).content
+            blob = (await self._send("get_chunk", "GET", path, headers=hint)).content
         else:
             self.requests["get_chunk"] += 1
             headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
+            headers.update(hint)
             status, blob = await self._raw.get(self._prefix + path, headers)
             self.wire_bytes_received += len(blob)
             if status in (502, 503, 504):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -116,8 +116,8 @@ class Wrapper:
     async def put_chunks(self, space: str, items: list[tuple[str, bytes]]) -> None:
         await self._call("put_chunks", self.inner.put_chunks, space, items)
 
-    async def get_chunk(self, space: str, chunk_id: str) -> bytes:
-        return await self._call("get_chunk", self.inner.get_chunk, space, chunk_id)
+    async def get_chunk(self, space: str, chunk_id: str, ahead: Sequence[str] = ()) -> bytes:
+        return await self._call("get_chunk", self.inner.get_chunk, space, chunk_id, ahead)
 
     async def get_chunks(self, space: str, ids: list[str]) -> dict[str, bytes | None]:
         return await self._call("get_chunks", self.inner.get_chunks, space, ids)

@@ -2,7 +2,9 @@
 the sealed copy in the local store, else the server, fetched once however many readers
 wait (single-flight), stored sealed and opened in a worker thread. A random read of a
 few KiB of a cached, uncompressed chunk opens only the blocks that hold it
-(`get_range`), once the chunk was opened whole and its blocks tagged.
+(`get_range`), once the chunk was opened whole and its blocks tagged. A sequential
+reader also names the chunks past its prefetch window (`read_ahead`); the next
+download tells the server, which starts reading them from its disk.
 
 The store's chunk cache has a hard byte cap: inserting evicts least recently used
 unpinned chunks first, and a chunk that cannot fit is used without being cached.
@@ -27,6 +29,7 @@ from backend.wrappers import layer
 from cache.codec import BlockTags, ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import Corrupt, NoSpace, Offline
 from cache.store import Store, StoreFull
+from loft.protocol import MAX_READ_AHEAD_IDS
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,9 @@ class ChunkSource:
         #: reads answered from a cached chunk's blocks, without opening it whole
         self.block_reads = 0
         self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, str]](64)
+        #: per space, chunks a sequential reader will want after the prefetch window:
+        #: the next download from that space names them to the server (`read_ahead`)
+        self._ahead: dict[str, list[str]] = {}
         self.fetched_bytes = 0
         try:
             self._http: HttpBackend | None = layer(backend, HttpBackend)
@@ -255,7 +261,8 @@ class ChunkSource:
 
             async def get() -> None:
                 try:
-                    out.append(await self.backend.get_chunk(space, chunk_id))
+                    ahead = self._ahead.pop(space, ())
+                    out.append(await self.backend.get_chunk(space, chunk_id, ahead))
                 except Exception as exc:  # raised below, outside the nursery's group
                     failed.append(exc)
                 nursery.cancel_scope.cancel()
@@ -380,6 +387,24 @@ class ChunkSource:
                 self._prefetch_send.send_nowait((space, chunk_id))
             except trio.WouldBlock:
                 return
+
+    def read_ahead(self, space: str, chunk_ids: list[str]) -> None:
+        """Chunks a sequential reader will want after those it prefetches: the server
+        is told with the next download from the space (the GET's read-ahead header),
+        so that it reads them from its disk before they are asked for. Those cached
+        here are left out; the newest MAX_READ_AHEAD_IDS are kept."""
+        with self.store.read() as t:
+            wanted = [
+                c for c in chunk_ids
+                if (space, c) not in self._decoded
+                and (space, c) not in self._inflight
+                and (space, c) not in self._unwritten
+                and t.chunk_meta(space, c) is None
+            ]  # fmt: skip
+        if wanted:
+            queued = self._ahead.setdefault(space, [])
+            queued += wanted
+            del queued[:-MAX_READ_AHEAD_IDS]
 
     async def run_prefetchers(self, workers: int = 8, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -36,6 +36,9 @@ RETIRED = 64
 #: fetchers and eight transfers, read 1 GiB cold in 3.1-4.2 s where half of it with four
 #: took 3.9-5.2 s (alternated on fresh devices, same server).
 READ_AHEAD_CHUNKS = 8
+#: Past the prefetch window, how many chunks the server is asked to read ahead from
+#: its disk (no bytes move until they are asked for).
+SERVER_READ_AHEAD_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,22 @@ class Content:
         get_chunk: GetChunk,
         prefetch: Callable[[str, list[str]], None],
         get_range: GetRange,
+        read_ahead: Callable[[str, list[str]], None],
     ) -> None:
         self.store = store
         self.sealer = sealer
         self.get_chunk = get_chunk
         self.prefetch = prefetch
         self.get_range = get_range
+        self.read_ahead = read_ahead
         #: each file's base layout, with the node it was first laid out for
         self._layouts: dict[tuple[str, str], tuple[Node, Layout]] = {}
         #: the same for clean versions that a change has replaced since (see `retired`)
         self._retired: dict[tuple[str, str], tuple[Node, Layout]] = {}
         self._last_end: dict[tuple[str, str], int] = {}
+        #: per file being read in sequence, the chunk index up to which the server was
+        #: told what comes (see _maybe_prefetch)
+        self._told: dict[tuple[str, str], int] = {}
 
     def layout(self, node: Node) -> Layout:
         """The node's base layout, cached by version (a base changes only with it)."""
@@ -105,11 +113,13 @@ class Content:
             if len(self._retired) > RETIRED:
                 del self._retired[next(iter(self._retired))]
         self._last_end.pop(key, None)
+        self._told.pop(key, None)
 
     def forget_all(self) -> None:
         self._layouts.clear()
         self._retired.clear()
         self._last_end.clear()
+        self._told.clear()
 
     def retired(self, space: str, node_id: str, version: int) -> Node | None:
         """The node of `version` of a file, a clean version a change has replaced since,
@@ -182,8 +192,17 @@ class Content:
         sequential = self._last_end.get(key) == offset
         self._last_end[key] = end
         if sequential and span:
-            ahead = layout.chunks[span.stop : span.stop + READ_AHEAD_CHUNKS]
+            window = span.stop + READ_AHEAD_CHUNKS
+            ahead = layout.chunks[span.stop : window]
             self.prefetch(node.space, [c for c, _ in ahead])
+            # the chunks past the window, told to the server a window at a time: it
+            # reads them from its disk while the window downloads
+            told = max(self._told.get(key, 0), window)
+            if told - window < READ_AHEAD_CHUNKS // 2 and told < len(layout.chunks):
+                upto = window + SERVER_READ_AHEAD_CHUNKS
+                self.read_ahead(node.space, [c for c, _ in layout.chunks[told:upto]])
+                told = upto
+            self._told[key] = told
 
     # ------------------------------------------------------------------ writing
 

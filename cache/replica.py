@@ -112,7 +112,9 @@ class Replica:
         self.device_name = device_name
         self.net = connectivity
         self.read_only = read_only
-        self.content = Content(store, sealer, chunks.get, chunks.prefetch, chunks.get_range)
+        self.content = Content(
+            store, sealer, chunks.get, chunks.prefetch, chunks.get_range, chunks.read_ahead
+        )
         self.state = ReplicaState()
         self._locks: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
         self._journal_event = trio.Event()

@@ -55,6 +55,12 @@ MAX_LONG_POLL_SECONDS = 60.0
 
 #: Header carrying the BLAKE3 digest (hex) of a chunk body, for transport integrity.
 DIGEST_HEADER = "loft-digest"
+#: Header of a chunk GET naming, comma-separated, the chunks of the same space the
+#: client will ask for next (a sequential read): the server starts reading them from
+#: its disk while it answers. At most `MAX_READ_AHEAD_IDS`; a hint, never an error if
+#: one is missing.
+READ_AHEAD_HEADER = "loft-read-ahead"
+MAX_READ_AHEAD_IDS = 32
 
 #: Batch frames: chunk id (32 bytes), body length (u32 big-endian), BLAKE3 digest of the
 #: body (32 bytes, put only), body. In a batch-get answer a missing chunk has length

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from functools import partial
 
 import blake3
 import trio
@@ -22,6 +23,8 @@ from loft.protocol import (
     FRAME_MISSING,
     MAX_BATCH_BODY_BYTES,
     MAX_BLOB_BYTES,
+    MAX_READ_AHEAD_IDS,
+    READ_AHEAD_HEADER,
     ChunkIds,
     ErrorCode,
     PutResult,
@@ -98,10 +101,35 @@ async def put_chunk(ctx, req: Request) -> Response:
 
 async def get_chunk(ctx, req: Request) -> Response:
     space, chunk_id = req.params["space"], _chunk_id(req)
+    ahead = _read_ahead(req)
     blob = await trio.to_thread.run_sync(ctx.blobs.get, space, chunk_id)
+    if ahead:
+        # after the blob asked for, and without waiting: the answer goes out while the
+        # disk reads the next ones
+        trio.lowlevel.start_thread_soon(partial(ctx.blobs.advise, space, ahead), _ignore)
     if blob is None:
         raise ApiError(404, ErrorCode.CHUNK_NOT_FOUND, f"no chunk {chunk_id}")
     return Response(200, blob, "application/octet-stream")
+
+
+def _read_ahead(req: Request) -> list[str]:
+    """The chunk ids of a GET's read-ahead header (see READ_AHEAD_HEADER)."""
+    value = req.headers.get(READ_AHEAD_HEADER, "").strip()
+    if not value:
+        return []
+    ids = [part.strip() for part in value.split(",")]
+    if len(ids) > MAX_READ_AHEAD_IDS or not all(_HEX_ID.match(i) for i in ids):
+        raise ApiError(
+            400,
+            ErrorCode.INVALID,
+            f"{READ_AHEAD_HEADER} holds at most {MAX_READ_AHEAD_IDS} comma-separated chunk"
+            " ids of 64 lowercase hex digits",
+        )
+    return list(dict.fromkeys(ids))
+
+
+def _ignore(outcome) -> None:
+    """A hint's outcome: `advise` raises nothing it does not handle itself."""
 
 
 def parse_frames(body: bytes) -> list[tuple[bytes, memoryview]]:

@@ -297,6 +297,8 @@ async def test_backend_chunk_put_get_missing_and_counters(connect: Connect):
     received = http.bytes_received
     assert await me.backend.get_chunk(me.home, big_id) == big
     assert http.bytes_received - received == len(big)
+    # a read-ahead hint names chunks to come; held or not, the answer is the one asked
+    assert await me.backend.get_chunk(me.home, small_id, [big_id, absent]) == small
     with pytest.raises(ChunkMissing):
         await me.backend.get_chunk(me.home, absent)
     with pytest.raises(BadRequest):

@@ -28,6 +28,8 @@ from loft.protocol import (
     FRAME_HEAD,
     MAX_BLOB_BYTES,
     MAX_JSON_BYTES,
+    MAX_READ_AHEAD_IDS,
+    READ_AHEAD_HEADER,
     ROOT_NODE,
 )
 from tests.api import Api, User, b64, create, fake_chunk, mkdir, new_id, update
@@ -372,6 +374,14 @@ CASES = {
                                  INVALID),
     "chunk-get-id-uppercase": Case("GET", "/v1/spaces/{space}/chunks/" + "AB" * 32, (400,),
                                    INVALID),
+    "chunk-get-read-ahead-not-hex": Case("GET", "/v1/spaces/{space}/chunks/{chunk}", (400,),
+                                         INVALID, headers={READ_AHEAD_HEADER: "x" * 64}),
+    "chunk-get-read-ahead-too-many": Case("GET", "/v1/spaces/{space}/chunks/{chunk}", (400,),
+                                          INVALID, headers={READ_AHEAD_HEADER: ",".join(
+                                              [UNKNOWN_ID] * (MAX_READ_AHEAD_IDS + 1))}),
+    "chunk-get-read-ahead-empty-item": Case("GET", "/v1/spaces/{space}/chunks/{chunk}",
+                                            (400,), INVALID,
+                                            headers={READ_AHEAD_HEADER: UNKNOWN_ID + ",,"}),
     "chunk-digest-mismatch": Case("PUT", f"/v1/spaces/{{space}}/chunks/{BAD_ID}", (400,),
                                   ("digest_mismatch",), content=BAD, headers=digest_of(GOOD),
                                   absent=(BAD_ID,)),

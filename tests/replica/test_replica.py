@@ -16,6 +16,7 @@ import trio
 import cache.chunks as chunks_module
 from backend.http import HttpBackend
 from cache.codec import HEADER_BYTES as HEADER
+from cache.content import READ_AHEAD_CHUNKS
 from cache.errors import Corrupt, Offline
 from cache.keys import WrongPassword
 from cache.records import Flag
@@ -392,6 +393,43 @@ async def test_replica_random_reads_open_only_the_blocks_they_need(
         assert await r.read(r.home, node.id, at, 4096) == data[at : at + 4096]
         assert chunks.block_reads == before  # not from the damaged block
         assert await cached_blob(b.store, r.home, chunk_id) == good  # fetched again
+
+
+async def test_replica_sequential_cold_read_tells_the_server_what_comes_next(
+    devices, tmp_path
+):
+    """A sequential read of an uncached file names the chunks past its prefetch window
+    in its downloads (the server reads them from disk early), each at most once, and
+    none of the chunks it already holds; the bytes read are the file's."""
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "data.bin", 60_000_000, seed=11)
+    data = src.read_bytes()
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+    backend, session = counting_session(b_home)
+    async with session as b:
+        await b.sync()
+        r = b.replica
+        node = r.resolve("data.bin")
+        chunks = r.content.layout(node).chunks
+        assert len(chunks) > READ_AHEAD_CHUNKS + 8, len(chunks)
+        # the first half is read once, cached; the hints of a read of the whole file
+        # then leave it out
+        half = len(data) // 2
+        got = bytearray()
+        while len(got) < half:
+            got += await r.read(r.home, node.id, len(got), min(1 << 20, half - len(got)))
+        await until(lambda: r.chunks._unwritten_bytes == 0)
+        r.content.forget(r.home, node.id)
+        before = backend.read_ahead_ids
+        got = bytearray()
+        while len(got) < len(data):
+            got += await r.read(r.home, node.id, len(got), 1 << 20)
+        assert bytes(got) == data
+        first_half = sum(1 for start in r.content.layout(node).starts if start < half)
+        told = backend.read_ahead_ids - before
+        assert 0 < told <= len(chunks) - first_half, (told, len(chunks), first_half)
 
 
 async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):

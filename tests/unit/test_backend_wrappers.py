@@ -61,7 +61,7 @@ class Scripted:
         finally:
             self.active -= 1
 
-    async def get_chunk(self, space: str, chunk_id: str) -> bytes:
+    async def get_chunk(self, space: str, chunk_id: str, ahead=()) -> bytes:
         await self._run("get_chunk")
         return b"blob"
 
