@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 from functools import partial
 
@@ -33,6 +34,9 @@ from server.errors import ApiError
 from server.http import Request, Response, json_response
 
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+#: read-ahead hints being acted on at once (each one thread, see get_chunk)
+ADVISING = 4
+_advising = threading.BoundedSemaphore(ADVISING)
 
 
 def _chunk_id(req: Request) -> str:
@@ -103,10 +107,13 @@ async def get_chunk(ctx, req: Request) -> Response:
     space, chunk_id = req.params["space"], _chunk_id(req)
     ahead = _read_ahead(req)
     blob = await trio.to_thread.run_sync(ctx.blobs.get, space, chunk_id)
-    if ahead:
+    if ahead and _advising.acquire(blocking=False):
         # after the blob asked for, and without waiting: the answer goes out while the
-        # disk reads the next ones
-        trio.lowlevel.start_thread_soon(partial(ctx.blobs.advise, space, ahead), _ignore)
+        # disk reads the next ones. At most ADVISING at once: past that, hints are
+        # dropped rather than queued or given more threads.
+        trio.lowlevel.start_thread_soon(
+            partial(ctx.blobs.advise, space, ahead), lambda _: _advising.release()
+        )
     if blob is None:
         raise ApiError(404, ErrorCode.CHUNK_NOT_FOUND, f"no chunk {chunk_id}")
     return Response(200, blob, "application/octet-stream")
@@ -126,10 +133,6 @@ def _read_ahead(req: Request) -> list[str]:
             " ids of 64 lowercase hex digits",
         )
     return list(dict.fromkeys(ids))
-
-
-def _ignore(outcome) -> None:
-    """A hint's outcome: `advise` raises nothing it does not handle itself."""
 
 
 def parse_frames(body: bytes) -> list[tuple[bytes, memoryview]]:
