@@ -129,7 +129,7 @@ class Content:
 
     # ------------------------------------------------------------------ reading
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
+    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
@@ -152,7 +152,9 @@ class Content:
             pos = stop
         return bytes(out)
 
-    async def _read_base(self, node: Node, offset: int, end: int, *, prefetch: bool) -> bytes:
+    async def _read_base(
+        self, node: Node, offset: int, end: int, *, prefetch: bool
+    ) -> bytes | memoryview:
         """Base bytes of [offset, end): chunks below min(floor, base size), zeros after."""
         layout = self.layout(node)
         limit = min(layout.size, node.floor)
@@ -181,7 +183,9 @@ class Content:
                 self._maybe_prefetch(node, layout, span, offset, end)
         if end > max(offset, data_end):
             parts.append(bytes(end - max(offset, data_end)))
-        if len(parts) == 1 and isinstance(parts[0], bytes):
+        if len(parts) == 1:
+            # a read within one chunk: a view of it, not a copy (a FUSE reply takes any
+            # buffer; 1 MiB copied per read was a copy of every byte read)
             return parts[0]
         return b"".join(parts)
 

@@ -580,7 +580,7 @@ class Replica:
 
     # ------------------------------------------------------------------ content
 
-    async def read(self, space: str, node_id: str, offset: int, size: int) -> bytes:
+    async def read(self, space: str, node_id: str, offset: int, size: int) -> bytes | memoryview:
         node = self.node(space, node_id)
         if node.kind == Kind.DIR:
             raise IsADirectory(node_id)

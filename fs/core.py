@@ -626,7 +626,7 @@ class Core:
         self._opened_as[attrs.ino] = (node.version, node.gen)
         return fh, attrs
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handle(fh)
         told = self._before.get(handle.ino)
         if told is not None:
