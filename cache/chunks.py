@@ -7,7 +7,9 @@ reader also names the chunks past its prefetch window (`read_ahead`); the next
 download tells the server, which starts reading them from its disk.
 
 The store's chunk cache has a hard byte cap: inserting evicts least recently used
-unpinned chunks first, and a chunk that cannot fit is used without being cached.
+unpinned chunks first, and a chunk that cannot fit is used without being cached. A
+download that comes while the cache writer is far behind (the local disk busy) is used,
+and fetched again to be cached once reads pause (`_refill`).
 Pinned chunks are never evicted; dirty data lives elsewhere (pages) and is never
 counted here.
 """
@@ -29,7 +31,7 @@ from backend.wrappers import layer
 from cache.codec import BlockTags, ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import Corrupt, NoSpace, Offline
 from cache.store import Store, StoreFull
-from loft.protocol import MAX_READ_AHEAD_IDS
+from loft.protocol import MAX_BLOB_BYTES, MAX_READ_AHEAD_IDS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ TOUCH_EVERY = 30.0
 #: 1 KiB of tags for a 2 MiB chunk, so at most about 4 MiB for 8 GiB of chunks.
 TAGGED_CHUNKS = 4096
 FETCH_TIMEOUT = 5.0
+#: Downloads not cached because the cache writer was behind, the most recent this many:
+#: fetched again and cached once the mount has been quiet for REFILL_QUIET seconds.
+REFILL_CHUNKS = 4096
+REFILL_QUIET = 1.0
 
 
 class Connectivity:
@@ -98,6 +104,13 @@ class ChunkSource:
         self._taken: trio.Event | None = None
         #: chunks read from the cache whose access time is not yet recorded
         self._untouched: set[tuple[str, str]] = set()
+        #: downloads the writer was too far behind to cache (see _refill)
+        self._skipped: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._skipped_event = trio.Event()
+        #: trio.current_time() of the last download started, for _refill's quiet
+        self._last_fetch = 0.0
+        #: chunks fetched again and cached by _refill
+        self.refilled = 0
         #: block tags of cached uncompressed chunks opened whole (see get_range), under
         #: a key of this process: the store never holds them, nor anything to forge them
         self._tags: OrderedDict[tuple[str, str], BlockTags] = OrderedDict()
@@ -165,6 +178,7 @@ class ChunkSource:
             )
             with self.store.write() as t:
                 t.delete_chunk(space, chunk_id)
+        self._last_fetch = trio.current_time()
         blob = await self.fetch(space, chunk_id)
         try:
             plain = await codec.open_async(chunk_id, blob)
@@ -288,7 +302,14 @@ class ChunkSource:
         if len(blob) > self.cap:
             return
         if self._unwritten_bytes > UNWRITTEN_BYTES:
-            return  # the writer is far behind: this is a cache, skip rather than grow
+            # the writer is far behind (the local disk is busy): rather than hold more
+            # in memory or make the reader wait, fetch this one again later (_refill)
+            self._skipped[(space, chunk_id)] = None
+            self._skipped.move_to_end((space, chunk_id))
+            if len(self._skipped) > REFILL_CHUNKS:
+                self._skipped.popitem(last=False)
+            self._skipped_event.set()
+            return
         self._unwritten[(space, chunk_id)] = blob
         self._unwritten_bytes += len(blob)
         self._unwritten_event.set()
@@ -411,7 +432,48 @@ class ChunkSource:
             for _ in range(workers):
                 nursery.start_soon(self._prefetcher)
             nursery.start_soon(self._run_cache_writer)
+            nursery.start_soon(self._refill)
             task_status.started()
+
+    async def _refill(self) -> None:
+        """Caches what a read used but could not cache (see `cache`): a file read once
+        is then whole in the cache, for offline use and the next read, as it would be
+        had the local disk kept up. Each chunk is fetched again once the mount has not
+        started a download for REFILL_QUIET seconds (a read going on comes first), at
+        the writer's pace, and only while it fits under the cap without evicting
+        anything: in a cache smaller than what was read, it would push out chunks read
+        after it."""
+        while True:
+            await self._skipped_event.wait()
+            self._skipped_event = trio.Event()
+            while self._skipped:
+                quiet = self._last_fetch + REFILL_QUIET - trio.current_time()
+                if quiet > 0:
+                    await trio.sleep(quiet)
+                    continue
+                (space, chunk_id), _ = self._skipped.popitem(last=False)
+                with self.store.read() as t:
+                    if t.chunk_meta(space, chunk_id) is not None:
+                        continue  # cached since (read again, or pinned)
+                    room = self.cap - t.cache_bytes()
+                if room < 2 * MAX_BLOB_BYTES:
+                    self._skipped.clear()
+                    break
+                try:
+                    blob = await self.fetch(space, chunk_id)
+                    await self.codec_of(space).open_async(chunk_id, blob)  # as downloads
+                except Offline:
+                    self._skipped[(space, chunk_id)] = None
+                    self._skipped.move_to_end((space, chunk_id), last=False)
+                    while not self.net.online:
+                        await self.net.wait_change()
+                    await trio.sleep(REFILL_QUIET)
+                    continue
+                except (Corrupt, BackendError, CorruptChunk) as exc:
+                    log.debug("refill of chunk %s skipped: %s", chunk_id, exc)
+                    continue
+                await self.keep(space, chunk_id, blob)
+                self.refilled += 1
 
     async def _prefetcher(self) -> None:
         async for space, chunk_id in self._prefetch_recv:

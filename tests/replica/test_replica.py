@@ -476,6 +476,40 @@ async def test_replica_saved_file_stays_readable_offline_when_the_cache_writer_l
             assert await read_path(a, "saved.bin") == data
 
 
+async def test_replica_file_read_while_the_cache_writer_lags_is_cached_whole_after(
+    devices, server, tmp_path, monkeypatch
+):
+    """A download the cache writer is too far behind to take is used and fetched again
+    once reads pause: the file read once is then whole in the cache, and reads offline."""
+    monkeypatch.setattr(chunks_module, "UNWRITTEN_BYTES", 1 << 20)  # the writer lags at once
+    monkeypatch.setattr(chunks_module, "REFILL_QUIET", 0.2)
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "data.bin", 40_000_000, seed=12)
+    data = src.read_bytes()
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+    async with Session.open(b_home) as b:
+        await b.sync()
+        r, chunks = b.replica, b.replica.chunks
+        assert await read_path(b, "data.bin") == data
+        node = r.resolve("data.bin")
+        ids = [c for c, _ in r.content.layout(node).chunks]
+
+        def cached() -> int:
+            with b.store.read() as t:
+                return sum(t.chunk_meta(r.home, c) is not None for c in ids)
+
+        assert cached() < len(ids)  # some downloads were not cached when they came
+        with trio.fail_after(30):
+            await until(lambda: cached() == len(ids))
+        assert chunks.refilled > 0
+    server.stop()
+    async with Session.open(b_home) as b:
+        with trio.fail_after(30):
+            assert await read_path(b, "data.bin") == data
+
+
 async def test_replica_offline_uncached_read_fails_fast(devices, server, tmp_path):
     a_home, b_home = await devices.add(), await devices.add()
     async with Session.open(a_home) as a:
