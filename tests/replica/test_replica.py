@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,27 @@ async def until(check, step: float = 0.05):
         if value := check():
             return value
         await trio.sleep(step)
+
+
+async def shared_file(devices, tmp_path: Path, size: int, seed: int) -> tuple[Path, bytes]:
+    """Two devices; the first imports `size` random bytes as data.bin and syncs. Returns
+    the second device's home and the bytes."""
+    a_home, b_home = await devices.add(), await devices.add()
+    src = write_random(tmp_path / "data.bin", size, seed=seed)
+    async with Session.open(a_home) as a:
+        await a.import_file(src, ROOT, "data.bin")
+        await a.sync()
+    return b_home, src.read_bytes()
+
+
+@asynccontextmanager
+async def read_once(home: Path, data: bytes):
+    """The device at `home` syncs and reads data.bin whole, checked against `data`;
+    yields its session and the file's node."""
+    async with Session.open(home) as b:
+        await b.sync()
+        assert await read_path(b, "data.bin") == data
+        yield b, b.replica.resolve("data.bin")
 
 
 async def read_path(session: Session, path: str) -> bytes:
@@ -327,15 +349,8 @@ async def test_replica_damaged_cached_copy_is_fetched_again(
 ):
     """A cached chunk opened in place in the map that fails its seal is dropped and
     fetched again: the reader gets the right bytes, and the cache the right blob."""
-    a_home, b_home = await devices.add(), await devices.add()
-    src = write_random(tmp_path / "data.bin", 3_000_000, seed=6)
-    async with Session.open(a_home) as a:
-        await a.import_file(src, ROOT, "data.bin")
-        await a.sync()
-    async with Session.open(b_home) as b:
-        await b.sync()
-        assert await read_path(b, "data.bin") == src.read_bytes()
-        node = b.replica.resolve("data.bin")
+    b_home, data = await shared_file(devices, tmp_path, 3_000_000, seed=6)
+    async with read_once(b_home, data) as (b, node):
         chunk_id = b.replica.content.layout(node).chunks[0][0]
         space = b.replica.home
         good = await cached_blob(b.store, space, chunk_id)
@@ -347,7 +362,7 @@ async def test_replica_damaged_cached_copy_is_fetched_again(
         t.put_chunk(space, chunk_id, bytes(bad))
     store.close()
     async with Session.open(b_home) as b:
-        assert await read_path(b, "data.bin") == src.read_bytes()
+        assert await read_path(b, "data.bin") == data
         assert await cached_blob(b.store, space, chunk_id) == good
 
 
@@ -358,17 +373,9 @@ async def test_replica_random_reads_open_only_the_blocks_they_need(
     once each chunk was opened whole: right bytes at every offset, and a block damaged
     in the cache afterwards is caught (the chunk is fetched again), never returned."""
     monkeypatch.setattr(chunks_module, "DECODED_BYTES", 1)  # keeps one decoded chunk
-    a_home, b_home = await devices.add(), await devices.add()
-    src = write_random(tmp_path / "data.bin", 9_000_000, seed=7)
-    data = src.read_bytes()
-    async with Session.open(a_home) as a:
-        await a.import_file(src, ROOT, "data.bin")
-        await a.sync()
-    async with Session.open(b_home) as b:
-        await b.sync()
+    b_home, data = await shared_file(devices, tmp_path, 9_000_000, seed=7)
+    async with read_once(b_home, data) as (b, node):
         r, chunks = b.replica, b.replica.chunks
-        assert await read_path(b, "data.bin") == data
-        node = r.resolve("data.bin")
         layout = r.content.layout(node)
         assert len(layout.chunks) >= 3, layout.chunks
         rng = random.Random(8)
@@ -401,12 +408,7 @@ async def test_replica_sequential_cold_read_tells_the_server_what_comes_next(
     """A sequential read of an uncached file names the chunks past its prefetch window
     in its downloads (the server reads them from disk early), each at most once, and
     none of the chunks it already holds; the bytes read are the file's."""
-    a_home, b_home = await devices.add(), await devices.add()
-    src = write_random(tmp_path / "data.bin", 60_000_000, seed=11)
-    data = src.read_bytes()
-    async with Session.open(a_home) as a:
-        await a.import_file(src, ROOT, "data.bin")
-        await a.sync()
+    b_home, data = await shared_file(devices, tmp_path, 60_000_000, seed=11)
     backend, session = counting_session(b_home)
     async with session as b:
         await b.sync()
@@ -483,17 +485,9 @@ async def test_replica_file_read_while_the_cache_writer_lags_is_cached_whole_aft
     once reads pause: the file read once is then whole in the cache, and reads offline."""
     monkeypatch.setattr(chunks_module, "UNWRITTEN_BYTES", 1 << 20)  # the writer lags at once
     monkeypatch.setattr(chunks_module, "REFILL_QUIET", 0.2)
-    a_home, b_home = await devices.add(), await devices.add()
-    src = write_random(tmp_path / "data.bin", 40_000_000, seed=12)
-    data = src.read_bytes()
-    async with Session.open(a_home) as a:
-        await a.import_file(src, ROOT, "data.bin")
-        await a.sync()
-    async with Session.open(b_home) as b:
-        await b.sync()
+    b_home, data = await shared_file(devices, tmp_path, 40_000_000, seed=12)
+    async with read_once(b_home, data) as (b, node):
         r, chunks = b.replica, b.replica.chunks
-        assert await read_path(b, "data.bin") == data
-        node = r.resolve("data.bin")
         ids = [c for c, _ in r.content.layout(node).chunks]
 
         def cached() -> int:
