@@ -57,8 +57,9 @@ MAX_LONG_POLL_SECONDS = 60.0
 DIGEST_HEADER = "loft-digest"
 #: Header of a chunk GET naming, comma-separated, the chunks of the same space the
 #: client will ask for next (a sequential read): the server starts reading them from
-#: its disk while it answers. At most `MAX_READ_AHEAD_IDS`; a hint, never an error if
-#: one is missing.
+#: its disk while it answers. A hint: the server acts on the first `MAX_READ_AHEAD_IDS`
+#: well-formed ids of a GET that found its chunk and ignores the rest, missing ones
+#: included; it never fails the GET.
 READ_AHEAD_HEADER = "loft-read-ahead"
 MAX_READ_AHEAD_IDS = 32
 

@@ -105,34 +105,30 @@ async def put_chunk(ctx, req: Request) -> Response:
 
 async def get_chunk(ctx, req: Request) -> Response:
     space, chunk_id = req.params["space"], _chunk_id(req)
-    ahead = _read_ahead(req)
     blob = await trio.to_thread.run_sync(ctx.blobs.get, space, chunk_id)
+    if blob is None:
+        raise ApiError(404, ErrorCode.CHUNK_NOT_FOUND, f"no chunk {chunk_id}")
+    ahead = _read_ahead(req)
     if ahead and _advising.acquire(blocking=False):
         # after the blob asked for, and without waiting: the answer goes out while the
         # disk reads the next ones. At most ADVISING at once: past that, hints are
         # dropped rather than queued or given more threads.
-        trio.lowlevel.start_thread_soon(
-            partial(ctx.blobs.advise, space, ahead), lambda _: _advising.release()
-        )
-    if blob is None:
-        raise ApiError(404, ErrorCode.CHUNK_NOT_FOUND, f"no chunk {chunk_id}")
+        try:
+            trio.lowlevel.start_thread_soon(
+                partial(ctx.blobs.advise, space, ahead), lambda _: _advising.release()
+            )
+        except RuntimeError:  # no thread to be had: the hint is dropped
+            _advising.release()
     return Response(200, blob, "application/octet-stream")
 
 
 def _read_ahead(req: Request) -> list[str]:
-    """The chunk ids of a GET's read-ahead header (see READ_AHEAD_HEADER)."""
-    value = req.headers.get(READ_AHEAD_HEADER, "").strip()
-    if not value:
-        return []
+    """The chunk ids of a GET's read-ahead header (see READ_AHEAD_HEADER): the first
+    MAX_READ_AHEAD_IDS well-formed ones. A hint never fails the GET it rides on (a
+    client may know other limits than this server), so anything else is ignored."""
+    value = req.headers.get(READ_AHEAD_HEADER, "")
     ids = [part.strip() for part in value.split(",")]
-    if len(ids) > MAX_READ_AHEAD_IDS or not all(_HEX_ID.match(i) for i in ids):
-        raise ApiError(
-            400,
-            ErrorCode.INVALID,
-            f"{READ_AHEAD_HEADER} holds at most {MAX_READ_AHEAD_IDS} comma-separated chunk"
-            " ids of 64 lowercase hex digits",
-        )
-    return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(i for i in ids if _HEX_ID.match(i)))[:MAX_READ_AHEAD_IDS]
 
 
 def parse_frames(body: bytes) -> list[tuple[bytes, memoryview]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from cache.records import Flag
 from cache.session import Session, load, login
 from cache.store import Store
 from loft.protocol import ROOT_NODE as ROOT
+from tests.pagecache import evict, resident
 from tests.replica.worker import flood_content
 
 
@@ -476,6 +478,35 @@ async def test_replica_saved_file_stays_readable_offline_when_the_cache_writer_l
     async with Session.open(home) as a:
         with trio.fail_after(30):
             assert await read_path(a, "saved.bin") == data
+
+
+async def test_replica_download_naming_chunks_to_come_has_the_server_read_them_early(
+    devices, server, tmp_path
+):
+    """The read-ahead header end to end: a chunk GET naming other chunks makes the
+    server read their blob files into its page cache; a GET naming none does not."""
+    b_home, _ = await shared_file(devices, tmp_path, 20_000_000, seed=13)
+    backend, session = counting_session(b_home)
+    async with session as b:
+        await b.sync()
+        r = b.replica
+        ids = [c for c, _ in r.content.layout(r.resolve("data.bin")).chunks]
+        assert len(ids) >= 4, ids
+        blobs = {c: next(server.data_dir.glob(f"blobs/*/{c[:2]}/{c}")) for c in ids}
+        for path in blobs.values():
+            evict(path)
+        if any(resident(p) for p in blobs.values()):
+            pytest.skip("this filesystem keeps clean pages it was told to drop (tmpfs?)")
+        first, named, unnamed = ids[0], ids[1:3], ids[3:]
+        await backend.get_chunk(r.home, first)
+        await backend.get_chunk(r.home, first, named)
+
+        def full(c: str) -> bool:
+            return resident(blobs[c]) == -(-blobs[c].stat().st_size // mmap.PAGESIZE)
+
+        with trio.fail_after(10):
+            await until(lambda: all(full(c) for c in named))
+        assert not any(resident(blobs[c]) for c in unnamed)
 
 
 async def test_replica_file_read_while_the_cache_writer_lags_is_cached_whole_after(
