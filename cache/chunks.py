@@ -48,6 +48,7 @@ FETCH_TIMEOUT = 5.0
 #: fetched again and cached once the mount has been quiet for REFILL_QUIET seconds.
 REFILL_CHUNKS = 4096
 REFILL_QUIET = 1.0
+REFILL_TRIES = 3
 
 
 class Connectivity:
@@ -105,7 +106,9 @@ class ChunkSource:
         #: chunks read from the cache whose access time is not yet recorded
         self._untouched: set[tuple[str, str]] = set()
         #: downloads the writer was too far behind to cache (see _refill)
-        self._skipped: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._skipped: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> tries
+        #: the last cache write failed for want of space (see _write_items)
+        self._store_full = False
         self._skipped_event = trio.Event()
         #: trio.current_time() of the last download started, for _refill's quiet
         self._last_fetch = 0.0
@@ -304,7 +307,7 @@ class ChunkSource:
         if self._unwritten_bytes > UNWRITTEN_BYTES:
             # the writer is far behind (the local disk is busy): rather than hold more
             # in memory or make the reader wait, fetch this one again later (_refill)
-            self._skipped[(space, chunk_id)] = None
+            self._skipped[(space, chunk_id)] = 0
             self._skipped.move_to_end((space, chunk_id))
             if len(self._skipped) > REFILL_CHUNKS:
                 self._skipped.popitem(last=False)
@@ -338,7 +341,9 @@ class ChunkSource:
                          for (space, chunk_id), blob in items.items()]
                 if any(added):
                     t.evict(self.cap)
+            self._store_full = False
         except StoreFull:
+            self._store_full = True
             log.warning("local store full; %d chunks not cached", len(items))
 
     async def _run_cache_writer(self) -> None:
@@ -448,29 +453,33 @@ class ChunkSource:
             self._skipped_event = trio.Event()
             while self._skipped:
                 quiet = self._last_fetch + REFILL_QUIET - trio.current_time()
-                if quiet > 0:
-                    await trio.sleep(quiet)
+                if quiet > 0 or self._inflight or not self.net.online:
+                    await trio.sleep(max(quiet, REFILL_QUIET / 4))
                     continue
-                (space, chunk_id), _ = self._skipped.popitem(last=False)
+                key, tries = self._skipped.popitem(last=False)
+                space, chunk_id = key
+                pending = self._unwritten_bytes + sum(map(len, self._writing.values()))
                 with self.store.read() as t:
                     if t.chunk_meta(space, chunk_id) is not None:
                         continue  # cached since (read again, or pinned)
-                    room = self.cap - t.cache_bytes()
-                if room < 2 * MAX_BLOB_BYTES:
+                    room = self.cap - t.cache_bytes() - pending
+                if room < 2 * MAX_BLOB_BYTES or self._store_full:
                     self._skipped.clear()
                     break
                 try:
-                    blob = await self.fetch(space, chunk_id)
+                    # not through `fetch`: a refill that fails says nothing of the
+                    # connection to readers (no Offline for them), it is tried again
+                    # later, at most REFILL_TRIES times
+                    blob = await self._get_while_heard(space, chunk_id)
                     await self.codec_of(space).open_async(chunk_id, blob)  # as downloads
-                except Offline:
-                    self._skipped[(space, chunk_id)] = None
-                    self._skipped.move_to_end((space, chunk_id), last=False)
-                    while not self.net.online:
-                        await self.net.wait_change()
-                    await trio.sleep(REFILL_QUIET)
-                    continue
-                except (Corrupt, BackendError, CorruptChunk) as exc:
-                    log.debug("refill of chunk %s skipped: %s", chunk_id, exc)
+                except (trio.TooSlowError, BackendError, CorruptChunk) as exc:
+                    log.debug("refill of chunk %s failed: %s", chunk_id, exc)
+                    transient = isinstance(exc, trio.TooSlowError) or (
+                        isinstance(exc, BackendError) and is_transient(exc)
+                    )
+                    if transient and tries + 1 < REFILL_TRIES:
+                        self._skipped[key] = tries + 1
+                        await trio.sleep(REFILL_QUIET * 4)
                     continue
                 await self.keep(space, chunk_id, blob)
                 self.refilled += 1
@@ -479,5 +488,6 @@ class ChunkSource:
         async for space, chunk_id in self._prefetch_recv:
             try:
                 await self.get(space, chunk_id)
-            except (Offline, Corrupt, NoSpace) as exc:
+            except (Offline, Corrupt, NoSpace, BackendError) as exc:
+                # a reader that wants this chunk meets the same error itself
                 log.debug("prefetch of %s skipped: %s", chunk_id, exc)
