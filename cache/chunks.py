@@ -30,7 +30,7 @@ from backend.http import HttpBackend
 from backend.wrappers import layer
 from cache.codec import BlockTags, ChunkCodec, CorruptChunk, run_cpu
 from cache.errors import Corrupt, NoSpace, Offline
-from cache.store import Store, StoreFull
+from cache.store import Store, StoreFull, Txn
 from loft.protocol import MAX_BLOB_BYTES, MAX_READ_AHEAD_IDS
 
 log = logging.getLogger(__name__)
@@ -424,13 +424,17 @@ class ChunkSource:
                 c for c in chunk_ids
                 if (space, c) not in self._decoded
                 and (space, c) not in self._inflight
-                and (space, c) not in self._unwritten
-                and t.chunk_meta(space, c) is None
+                and not self._held(t, (space, c))
             ]  # fmt: skip
         if wanted:
             queued = self._ahead.setdefault(space, [])
             queued += wanted
             del queued[:-MAX_READ_AHEAD_IDS]
+
+    def _held(self, t: Txn, key: tuple[str, str]) -> bool:
+        """Whether the local cache has the chunk, or will once the writer's queue (or
+        the burst it is writing) is in."""
+        return key in self._unwritten or key in self._writing or t.chunk_meta(*key) is not None
 
     async def run_prefetchers(self, workers: int = 8, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -452,16 +456,19 @@ class ChunkSource:
             await self._skipped_event.wait()
             self._skipped_event = trio.Event()
             while self._skipped:
+                if not self.net.online:
+                    await self.net.wait_change()
+                    continue
                 quiet = self._last_fetch + REFILL_QUIET - trio.current_time()
-                if quiet > 0 or self._inflight or not self.net.online:
+                if quiet > 0 or self._inflight:
                     await trio.sleep(max(quiet, REFILL_QUIET / 4))
                     continue
                 key, tries = self._skipped.popitem(last=False)
                 space, chunk_id = key
                 pending = self._unwritten_bytes + sum(map(len, self._writing.values()))
                 with self.store.read() as t:
-                    if t.chunk_meta(space, chunk_id) is not None:
-                        continue  # cached since (read again, or pinned)
+                    if self._held(t, key):
+                        continue  # read again since, or pinned: cached or on its way
                     room = self.cap - t.cache_bytes() - pending
                 if room < 2 * MAX_BLOB_BYTES or self._store_full:
                     self._skipped.clear()
