@@ -105,6 +105,8 @@ class ChunkSource:
         self._taken: trio.Event | None = None
         #: chunks read from the cache whose access time is not yet recorded
         self._untouched: set[tuple[str, str]] = set()
+        #: the same for files read from their clean pages (see Txn.keep_pages)
+        self._untouched_pages: set[tuple[str, str]] = set()
         #: downloads the writer was too far behind to cache (see _refill)
         self._skipped: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> tries
         #: the last cache write failed for want of space (see _write_items)
@@ -327,16 +329,21 @@ class ChunkSource:
         self.cache(space, chunk_id, blob)
 
     def _write_items(
-        self, items: dict[tuple[str, str], bytes], touched: set[tuple[str, str]]
+        self,
+        items: dict[tuple[str, str], bytes],
+        touched: set[tuple[str, str]],
+        touched_pages: set[tuple[str, str]] = frozenset(),
     ) -> None:
         """Writes queued inserts and access times in one transaction, evicting to stay
         under the cap."""
-        if not items and not touched:
+        if not items and not touched and not touched_pages:
             return
         try:
             with self.store.write() as t:
                 for space, chunk_id in touched:
                     t.touch_chunk(space, chunk_id)
+                for space, node_id in touched_pages:
+                    t.touch_pages(space, node_id)
                 added = [t.put_chunk(space, chunk_id, blob)
                          for (space, chunk_id), blob in items.items()]
                 if any(added):
@@ -357,8 +364,9 @@ class ChunkSource:
             # them before the store closes (an unmount right after a save).
             items, self._unwritten, self._unwritten_bytes = self._unwritten, {}, 0
             touched, self._untouched = self._untouched, set()
+            pages, self._untouched_pages = self._untouched_pages, set()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._write_items, items, touched)
+                await trio.to_thread.run_sync(self._write_items, items, touched, pages)
 
     async def _write_bursts(self) -> None:
         while True:
@@ -369,11 +377,12 @@ class ChunkSource:
             self._taken.set()
             self._taken = trio.Event()
             touched, self._untouched = self._untouched, set()
+            pages, self._untouched_pages = self._untouched_pages, set()
             # the commit (copy into the map, fsync) runs off the trio thread: it was a
             # third of a cold read's time there; readers find these blobs in _writing
             self._writing = items
             try:
-                await trio.to_thread.run_sync(self._write_items, items, touched)
+                await trio.to_thread.run_sync(self._write_items, items, touched, pages)
             finally:
                 self._writing = {}
 
@@ -394,13 +403,23 @@ class ChunkSource:
         """Records a cache hit for eviction order, with the cache writer's next batch:
         a synced transaction per hit cost a re-read of a cached file ~200 us a chunk on
         the trio thread. (A crash loses only some recency, never data.)"""
-        key = (space, chunk_id)
+        if self._due((space, chunk_id)):
+            self._untouched.add((space, chunk_id))
+            self._unwritten_event.set()
+
+    def touch_pages(self, space: str, node_id: str) -> None:
+        """`_touch` for a file read from its clean pages."""
+        if self._due((space, node_id)):
+            self._untouched_pages.add((space, node_id))
+            self._unwritten_event.set()
+
+    def _due(self, key: tuple[str, str]) -> bool:
+        """Whether an access is due a record (none in the last TOUCH_EVERY seconds)."""
         now = time.monotonic()
         if now - self._touched.get(key, 0.0) < TOUCH_EVERY:
-            return
+            return False
         self._touched[key] = now
-        self._untouched.add(key)
-        self._unwritten_event.set()
+        return True
 
     # ------------------------------------------------------------------ prefetch
 

@@ -1,6 +1,7 @@
 """A file's bytes on this device: the base content (its committed manifest) overlaid
-with dirty pages, truncated to `size`, with base bytes at or past `floor` reading as
-zeros.
+with its pages (dirty ones, and clean ones: a saved file's pages kept as its cached
+copy, the same bytes as the base), truncated to `size`, with base bytes at or past
+`floor` reading as zeros.
 
 Writes never shift bytes (POSIX has no insertion), so a dirty page always holds the
 whole PAGE_SIZE bytes of the new content at its offset, and old chunk boundaries that
@@ -75,6 +76,7 @@ class Content:
         prefetch: Callable[[str, list[str]], None],
         get_range: GetRange,
         read_ahead: Callable[[str, list[str]], None],
+        touch_pages: Callable[[str, str], None],
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -82,6 +84,7 @@ class Content:
         self.prefetch = prefetch
         self.get_range = get_range
         self.read_ahead = read_ahead
+        self.touch_pages = touch_pages
         #: each file's base layout, with the node it was first laid out for
         self._layouts: dict[tuple[str, str], tuple[Node, Layout]] = {}
         #: the same for clean versions that a change has replaced since (see `retired`)
@@ -133,11 +136,13 @@ class Content:
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
-        if not node.flags & Flag.DIRTY:
+        if not node.flags & (Flag.DIRTY | Flag.PAGED):
             return await self._read_base(node, offset, end, prefetch=True)
         first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
         with self.store.read() as t:
             sealed = {p: t.page(node.space, node.id, p) for p in range(first, last + 1)}
+        if node.flags & Flag.PAGED:
+            self.touch_pages(node.space, node.id)
         out = bytearray()
         pos = offset
         for page_no in range(first, last + 1):
@@ -293,12 +298,12 @@ class SyncReader:
         end = min(end, self.node.size)
         out = bytearray()
         t = self.txn
-        dirty = self.node.flags & Flag.DIRTY
+        paged = self.node.flags & (Flag.DIRTY | Flag.PAGED)
         pos = offset
         while pos < end:
             page_no = pos // PAGE_SIZE
             stop = min(end, (page_no + 1) * PAGE_SIZE)
-            blob = t.page_view(self.node.space, self.node.id, page_no) if dirty else None
+            blob = t.page_view(self.node.space, self.node.id, page_no) if paged else None
             if blob is not None:
                 page = self.sealer.open(self.node.id, page_no, blob)
                 base = page_no * PAGE_SIZE

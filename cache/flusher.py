@@ -29,6 +29,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import trio
@@ -39,6 +40,7 @@ from cache.codec import ChunkCodec, run_cpu
 from cache.content import Layout, NeedChunk, SyncReader, changed_ranges, rechunk
 from cache.records import (
     NO_FLOOR,
+    PAGE_SIZE,
     SPECIALS,
     Flag,
     Kind,
@@ -108,6 +110,21 @@ class Item:
     #: for content-bearing ops: the node's gen when its content was read, and the result
     gen: int | None = None
     manifest: list | None = None
+    #: the file's pages hold all of that content: once committed they stay as its
+    #: cached copy (see KeepLocal)
+    keep_pages: bool = False
+
+
+@dataclass
+class KeepLocal:
+    """How a save keeps its content on this device once committed, so that the file
+    stays readable offline: as the chunks it sends (`chunks`), or, when its pages hold
+    the whole file (written whole: a new file, a copy, a rewrite), as those pages
+    (`pages`), which saves writing it to the local store a second time. Neither for a
+    file larger than a quarter of the cache."""
+
+    chunks: bool
+    pages: bool = False
 
 
 @dataclass
@@ -132,6 +149,7 @@ class Batch:
                         "entries": [[s, p.encode().decode()] for s, p in i.entries],
                         "gen": i.gen,
                         "manifest": i.manifest,
+                        "keep_pages": i.keep_pages,
                     }
                     for i in self.items
                 ],
@@ -149,6 +167,7 @@ class Batch:
                     [(s, Pending.decode(p.encode())) for s, p in i["entries"]],
                     i["gen"],
                     i["manifest"],
+                    i.get("keep_pages", False),
                 )
                 for i in raw["items"]
             ],
@@ -229,7 +248,7 @@ class Flusher:
         carriers: dict[str, Item] = {}
         consumed: set[int] = set()
         content_bytes = 0
-        small_uploads: list[tuple[str, bytes]] = []
+        small_uploads: list[tuple[str, bytes, bool]] = []
         for index, (seq, p) in enumerate(window):
             if p.space != space:
                 break
@@ -285,7 +304,7 @@ class Flusher:
         p: Pending,
         node: Node | None,
         entries: list[tuple[int, Pending]],
-        small_uploads: list[tuple[str, bytes]],
+        small_uploads: list[tuple[str, bytes, bool]],
     ) -> Item | None:
         base = node.version if node else 0
         if p.op in ("mkdir", "create", "symlink", "special"):
@@ -370,11 +389,13 @@ class Flusher:
 
     # ------------------------------------------------------------------ content
 
-    async def _content(self, item: Item, node: Node, small_uploads: list[tuple[str, bytes]]
-                       ) -> None:
+    async def _content(
+        self, item: Item, node: Node, small_uploads: list[tuple[str, bytes, bool]]
+    ) -> None:
         """Uploads what the server lacks of the node's current content (a small file's
         chunks are queued on `small_uploads`, sent with the batch's others) and records
-        the manifest, attributes and gen of that content on the item.
+        the manifest, attributes and gen of that content on the item, and whether its
+        pages are to stay as its cached copy.
 
         The node, its base manifest and its dirty pages are read in one read transaction
         held by the worker thread for the whole re-chunking: a file written while an
@@ -383,44 +404,55 @@ class Flusher:
         codec = self.codec_of(node.space)
         extra: dict[str, bytes] = {}
         while True:
+            keep = KeepLocal(chunks=node.size <= self.replica.chunks.cap // 4)
             try:
                 if node.size <= SMALL_FILE:
-                    snapshot, manifest = await self._collect(node, codec, extra, small_uploads)
+                    snapshot, manifest = await self._collect(
+                        node, codec, extra, keep, small_uploads
+                    )
                 else:
-                    snapshot, manifest = await self._upload(node, codec, extra)
+                    snapshot, manifest = await self._upload(node, codec, extra, keep)
                 break
             except NeedChunk as need:
                 extra[need.chunk_id] = await self.replica.chunks.get(node.space, need.chunk_id)
         item.gen = snapshot.gen
         item.op["attrs"] = attrs_of(snapshot).model_dump(mode="json")
         item.manifest = [list(c) for c in manifest]
+        item.keep_pages = keep.pages
 
-    def _rechunk(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes], emit
-                 ) -> tuple[Node, list]:
+    def _rechunk(
+        self, node: Node, codec: ChunkCodec, extra: dict[str, bytes], keep: KeepLocal, emit
+    ) -> tuple[Node, list]:
         """In a worker thread: the node as it is now and its new manifest, read in one
         transaction. (The node record outlives this: its journal entry holds it.) The
         dirty pages are opened in place in the map (a views transaction): a 1 GiB save
-        no longer copies 1 GiB out of it first."""
+        no longer copies 1 GiB out of it first. Decides `keep` before it emits a chunk:
+        pages that hold the whole file stay, and its chunks are not kept."""
         with self.store.read(views=True) as t:
             now = t.node(node.space, node.id) or node
             layout = Layout.of(decode_manifest(t.manifest_bytes(node.space, node.id)))
             if not now.flags & Flag.DIRTY:
                 return now, layout.chunks
-            ranges = changed_ranges(now, layout, t.page_numbers(node.space, node.id))
+            pages = -(-now.size // PAGE_SIZE)
+            held = [p for p in t.page_numbers(node.space, node.id) if p < pages]
+            if keep.chunks and pages and len(held) == pages:
+                keep.chunks, keep.pages = False, True
+            ranges = changed_ranges(now, layout, t.dirty_page_numbers(node.space, node.id))
             reader = SyncReader(t, self.replica.sealer, now, layout, codec.open, extra)
             return now, rechunk(reader, layout, self.chunker, now.size, ranges, emit)
 
-    async def _upload(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes]):
-        keep_local = node.size <= self.replica.chunks.cap // 4
+    async def _upload(
+        self, node: Node, codec: ChunkCodec, extra: dict[str, bytes], keep: KeepLocal
+    ):
         result: list = []
 
         def cut(emit) -> None:
-            result.append(self._rechunk(node, codec, extra, emit))
+            result.append(self._rechunk(node, codec, extra, keep, emit))
 
-        await self._pipeline(node.space, codec, cut, keep_local)
+        await self._pipeline(node.space, codec, cut, keep)
         return result[0]
 
-    async def _pipeline(self, space: str, codec: ChunkCodec, cut, keep_local: bool) -> None:
+    async def _pipeline(self, space: str, codec: ChunkCodec, cut, keep: KeepLocal) -> None:
         """Runs `cut(emit)` in a worker thread and uploads what it emits. `emit(piece)`
         names the piece and returns its id at once; the pieces are sealed (compressed
         and encrypted, the dear part) on every core behind it, then sent in groups."""
@@ -451,13 +483,14 @@ class Flusher:
         await gather(
             lambda: trio.to_thread.run_sync(work),
             seal_all,
-            lambda: self.upload_stream(space, blobs_recv, keep_local),
+            lambda: self.upload_stream(space, blobs_recv, keep),
         )
 
     async def _collect(self, node: Node, codec: ChunkCodec, extra: dict[str, bytes],
-                       out: list[tuple[str, bytes]]):
+                       keep: KeepLocal, out: list[tuple[str, bytes, bool]]):
         """Re-chunks and seals a small file in a worker thread; its new chunks go on
-        `out` (and stay off it if the thread fails halfway)."""
+        `out`, each with whether to keep it locally (and stay off it if the thread fails
+        halfway)."""
         sealed: list[tuple[str, bytes]] = []
 
         def emit(piece: bytes) -> str:
@@ -465,25 +498,28 @@ class Flusher:
             sealed.append((chunk_id, blob))
             return chunk_id
 
-        result = await trio.to_thread.run_sync(self._rechunk, node, codec, extra, emit)
-        out.extend(sealed)
+        result = await trio.to_thread.run_sync(self._rechunk, node, codec, extra, keep, emit)
+        out.extend((chunk_id, blob, keep.chunks) for chunk_id, blob in sealed)
         return result
 
-    async def _send_small(self, space: str, items: list[tuple[str, bytes]]) -> None:
+    async def _send_small(self, space: str, items: list[tuple[str, bytes, bool]]) -> None:
         """Sends small files' chunks in framed groups, three at a time."""
         groups: list[list[tuple[str, bytes]]] = [[]]
+        kept: set[str] = set()
         size = 0
-        for chunk_id, blob in items:
+        for chunk_id, blob, keep in items:
             if len(groups[-1]) >= 256 or size >= GROUP_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append((chunk_id, blob))
             size += len(blob)
+            if keep:
+                kept.add(chunk_id)
         limiter = trio.CapacityLimiter(3)
 
         async def send(group: list[tuple[str, bytes]]) -> None:
             async with limiter:
-                await self._send_group(space, group, True)
+                await self._send_group(space, group, kept)
 
         await gather(*[lambda g=g: send(g) for g in groups if g])
 
@@ -497,10 +533,10 @@ class Flusher:
                 for piece in self.chunker.iter_chunks(f):
                     manifest.append((emit(piece), len(piece)))
 
-        await self._pipeline(space, self.codec_of(space), cut, False)
+        await self._pipeline(space, self.codec_of(space), cut, KeepLocal(chunks=False))
         return manifest
 
-    async def upload_stream(self, space: str, recv, keep_local: bool) -> None:
+    async def upload_stream(self, space: str, recv, keep: KeepLocal) -> None:
         """Sends chunks in groups (one `missing` call per group), two groups at a time."""
         groups_send, groups_recv = trio.open_memory_channel[list[tuple[str, bytes]]](0)
 
@@ -519,20 +555,23 @@ class Flusher:
 
         async def send_groups() -> None:
             async for group in groups_recv:
-                await self._send_group(space, group, keep_local)
+                # `keep` is settled before the first chunk is cut (see _rechunk)
+                await self._send_group(space, group, dict(group) if keep.chunks else ())
 
         await gather(collect, send_groups, send_groups, send_groups)
 
     async def _send_group(
-        self, space: str, group: list[tuple[str, bytes]], keep_local: bool
+        self, space: str, group: list[tuple[str, bytes]], keep: Container[str]
     ) -> None:
+        """Sends what the server lacks of `group`, then keeps the chunks named in `keep`
+        in the local cache."""
         unique = dict(group)
         missing = set(await self.backend.missing(space, list(unique)))
         # one framed request per group: the server writes and syncs the blobs together
         await self.backend.put_chunks(space, [(c, b) for c, b in unique.items() if c in missing])
         self.uploaded_bytes += sum(len(b) for c, b in unique.items() if c in missing)
-        if keep_local:
-            for chunk_id, blob in unique.items():
+        for chunk_id, blob in unique.items():
+            if chunk_id in keep:
                 await self.replica.chunks.keep(space, chunk_id, blob)
 
     # ------------------------------------------------------------------ results
@@ -541,6 +580,7 @@ class Flusher:
         done: list[Pending] = []
         rewritten: list[tuple[str, str]] = []
         touched: list[tuple[str, str]] = []
+        kept_pages = False
         with self.store.write() as t:
             for item, seq in zip(batch.items, response.seqs, strict=True):
                 p = item.entries[0][1]
@@ -560,12 +600,19 @@ class Flusher:
                         batch.space, p.node, encode_manifest([tuple(c) for c in item.manifest])
                     )
                     if node.gen == item.gen:
-                        t.del_pages(batch.space, p.node)
-                        node = node.but(flags=node.flags & ~Flag.DIRTY, floor=NO_FLOOR)
+                        clean = node.flags & ~(Flag.DIRTY | Flag.PAGED)
+                        if item.keep_pages and t.keep_pages(batch.space, p.node, node.size):
+                            clean |= Flag.PAGED
+                            kept_pages = True
+                        else:
+                            t.del_pages(batch.space, p.node)
+                        node = node.but(flags=clean, floor=NO_FLOOR)
                     else:
                         rewritten.append((batch.space, p.node))
                 t.put_node(node)
                 touched.append((batch.space, p.node))
+            if kept_pages:
+                t.evict(self.replica.chunks.cap)
             t.del_meta("inflight")
             t.set_meta_int("last_sync_ms", int(time.time() * 1000))
             # these changes are applied here already: the feed must not replay them (a
@@ -689,7 +736,7 @@ class Flusher:
         t.del_pages(space, node.id)
         t.put_node(
             node.but(
-                flags=node.flags & ~Flag.DIRTY,
+                flags=node.flags & ~(Flag.DIRTY | Flag.PAGED),
                 floor=NO_FLOOR,
                 gen=node.gen + 1,
                 size=Layout.of(decode_manifest(t.manifest_bytes(space, node.id))).size,

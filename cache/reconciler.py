@@ -202,13 +202,17 @@ class Reconciler:
             log.info("remote change to %s skipped: it has local writes", c.node)
             return
         fresh = node_from_state(space, state, ctime)
+        flags = node.flags & ~Flag.DIRTY if node is not None else Flag.NONE
         if state.chunks is None and node is not None:
             # setattr: content unchanged
             fresh = fresh.but(size=node.size)
         else:
             t.put_manifest_bytes(space, c.node, encode_manifest(state.chunks or []))
+            if flags & Flag.PAGED:
+                t.drop_clean_pages(space, c.node)  # they hold the content replaced
+                flags &= ~Flag.PAGED
         if node is not None:
-            fresh = fresh.but(flags=node.flags & ~Flag.DIRTY, floor=NO_FLOOR, gen=node.gen + 1)
+            fresh = fresh.but(flags=flags, floor=NO_FLOOR, gen=node.gen + 1)
         t.put_node(fresh)
         nodes.append((c.node, state.version))
 

@@ -59,6 +59,9 @@ class Flag(enum.IntFlag):
     DIRTY = 1
     #: Created on this device and not yet committed.
     LOCAL = 2
+    #: Pages of the committed content may be kept as its cached copy (clean pages, see
+    #: Txn.keep_pages): reads look for pages first. They may since have been evicted.
+    PAGED = 4
 
 
 _NODE = struct.Struct(">BQQIIIqqQBBQQ")

@@ -113,7 +113,8 @@ class Replica:
         self.net = connectivity
         self.read_only = read_only
         self.content = Content(
-            store, sealer, chunks.get, chunks.prefetch, chunks.get_range, chunks.read_ahead
+            store, sealer, chunks.get, chunks.prefetch, chunks.get_range, chunks.read_ahead,
+            chunks.touch_pages,
         )
         self.state = ReplicaState()
         self._locks: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
@@ -236,11 +237,11 @@ class Replica:
 
     def cached_bytes(self, node: Node) -> int:
         """Bytes of the file readable without the server: its committed content held
-        in the local chunk cache, plus its dirty pages (an estimate, at most its size)."""
+        in the local chunk cache, plus its pages (an estimate, at most its size)."""
         with self.store.read() as t:
             manifest = decode_manifest(t.manifest_bytes(node.space, node.id))
             held = sum(n for c, n in manifest if t.chunk_meta(node.space, c) is not None)
-            if node.flags & Flag.DIRTY:
+            if node.flags & (Flag.DIRTY | Flag.PAGED):
                 held = min(held, node.floor)
                 held += len(t.page_numbers(node.space, node.id)) * PAGE_SIZE
         return min(held, node.size)

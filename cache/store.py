@@ -10,16 +10,21 @@ id, integers big-endian):
     manifests  S N -> manifest       the node's base content: (C, u32 length)* as committed
     children   S P name -> N         directory entries (name is UTF-8)
     links      S N P name -> ''      the same entries keyed by node: hard links, paths
-    pages      S N u64 -> sealed     dirty pages (PAGE_SIZE bytes of the new content each,
+    pages      S N u64 -> sealed     a file's pages (PAGE_SIZE bytes of its content each,
                                      or up to the file's end for the page holding it;
-                                     sealed under the device key: no plaintext on disk)
-    pagekeys   S N u64 -> ''         the keys of `pages`, to list and delete them without a
-                                     cursor over the pages themselves (the binding faults
-                                     in every value a cursor passes, 1 GiB for a 1 GiB file)
+                                     sealed under the device key: no plaintext on disk):
+                                     dirty ones, written since the last commit, and clean
+                                     ones, a saved file's pages kept as its cached copy
+    pagekeys   S N u64 -> state      the keys of `pages` ('' dirty, CLEAN clean), to list
+                                     and delete them without a cursor over the pages
+                                     themselves (the binding faults in every value a
+                                     cursor passes, 1 GiB for a 1 GiB file)
     journal    u64 -> Pending        local operations not yet committed, in order
     chunks     S C -> sealed blob    the chunk cache (blobs as the server stores them)
-    chunkmeta  S C -> ChunkMeta      access time, size, pin count of each cached chunk
-    lru        u64 atime S C -> ''   cached chunks in access order, for eviction
+    chunkmeta  S C -> ChunkMeta      access time, size, pin count of each cached chunk;
+               S N -> ChunkMeta      the same for a file's clean pages, as one entry
+    lru        u64 atime S C -> ''   cached chunks (and S N: clean pages) in access order,
+                                     for eviction
     pins       S N -> ''             nodes pinned for offline use
     applied    S u64 -> ''           seqs of this device's commits, already applied here by
                                      the flusher: the reconciler skips them in the feed
@@ -56,6 +61,8 @@ from cache.records import (
 log = logging.getLogger(__name__)
 
 MAP_SIZE = 1 << 40  # sparse: only what is used takes disk
+#: `pagekeys` value of a clean page (see Txn.keep_pages); a dirty page's is empty
+CLEAN = b"c"
 DBS = (
     "meta",
     "spaces",
@@ -382,9 +389,22 @@ class Txn:
         return out
 
     def clear_space_tree(self, space: str) -> None:
-        """Drops the mirror of a space (nodes, manifests, entries); keeps chunks."""
+        """Drops the mirror of a space (nodes, manifests, entries, clean pages); keeps
+        chunks and dirty pages."""
         self.tree_changed = True
         prefix = raw(space)
+        # clean pages copy what the mirror says a file holds: they go with it
+        self._delete_pages(self._page_keys(prefix, state=CLEAN))
+        entries = []
+        with self.txn.cursor(db=self.db["chunkmeta"]) as cur:
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    if len(key) == 32:
+                        entries.append(bytes(key))
+        for key in entries:
+            self._drop_pages_entry(key)
         for name in ("nodes", "manifests", "children", "links", "applied"):
             with self.txn.cursor(db=self.db[name]) as cur:
                 if not cur.set_range(prefix):
@@ -406,32 +426,94 @@ class Txn:
         return None if value is None else memoryview(value)
 
     def put_page(self, space: str, node: str, page_no: int, sealed: bytes | bytearray) -> None:
+        """Stores a dirty page (a clean one there before becomes dirty)."""
         key = raw(space) + raw(node) + u64(page_no)
         self.txn.put(key, sealed, db=self.db["pages"])
         self.txn.put(key, b"", db=self.db["pagekeys"])
 
-    def _page_keys(self, space: str, node: str, start: int) -> list[bytes]:
-        prefix = raw(space) + raw(node)
+    def _page_keys(
+        self, prefix: bytes, start: int = 0, state: bytes | None = None
+    ) -> list[bytes]:
+        """Keys of the pages under `prefix` (a space, or a space and a node) from page
+        `start` (with a node), only those in `state` if given."""
         out = []
         with self.txn.cursor(db=self.db["pagekeys"]) as cur:
-            if cur.set_range(prefix + u64(start)):
-                for view in cur.iternext(values=False):
+            if cur.set_range(prefix + (u64(start) if len(prefix) == 32 else b"")):
+                for view, value in cur:
                     key = bytes(view)  # a view in a `read(views=True)` transaction
                     if not key.startswith(prefix):
                         break
-                    out.append(key)
+                    if state is None or bytes(value) == state:
+                        out.append(key)
         return out
 
     def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
-        return [from_u64(key[32:]) for key in self._page_keys(space, node, start)]
+        """The file's pages, dirty and clean."""
+        return [from_u64(key[32:]) for key in self._page_keys(raw(space) + raw(node), start)]
+
+    def dirty_page_numbers(self, space: str, node: str) -> list[int]:
+        """The file's pages written since its last commit."""
+        keys = self._page_keys(raw(space) + raw(node), state=b"")
+        return [from_u64(key[32:]) for key in keys]
 
     def del_pages(self, space: str, node: str, start: int = 0) -> int:
-        keys = self._page_keys(space, node, start)
+        """Deletes the file's pages from page `start` on; all of them also end the
+        clean pages' cache entry."""
+        keys = self._page_keys(raw(space) + raw(node), start)
+        self._delete_pages(keys)
+        if start == 0:
+            self._drop_pages_entry(raw(space) + raw(node))
+        return len(keys)
+
+    def _delete_pages(self, keys: list[bytes]) -> None:
         for key in keys:
             self.txn.delete(key, db=self.db["pages"])  # maps the value in (see MapPages)
             self.txn.delete(key, db=self.db["pagekeys"])
             self._mapped(PAGE_SIZE)
+
+    def keep_pages(self, space: str, node: str, size: int) -> int:
+        """Makes every page of the file clean, its content as just committed: kept as
+        the file's cached copy (one cache entry, counted as `size` bytes, evicted like a
+        chunk) instead of a second copy as chunks. Returns the number of pages."""
+        prefix = raw(space) + raw(node)
+        keys = self._page_keys(prefix)
+        for key in keys:
+            self.txn.put(key, CLEAN, db=self.db["pagekeys"])
+        self._drop_pages_entry(prefix)
+        if keys:
+            now = time.time_ns()
+            self.txn.put(prefix, ChunkMeta(now, size, 0).encode(), db=self.db["chunkmeta"])
+            self.txn.put(u64(now) + prefix, b"", db=self.db["lru"])
+            self.set_meta_int("cache_bytes", self.meta_int("cache_bytes") + size)
         return len(keys)
+
+    def drop_clean_pages(self, space: str, node: str) -> int:
+        """Deletes the file's clean pages (its dirty ones stay) and their cache entry."""
+        prefix = raw(space) + raw(node)
+        keys = self._page_keys(prefix, state=CLEAN)
+        self._delete_pages(keys)
+        self._drop_pages_entry(prefix)
+        return len(keys)
+
+    def touch_pages(self, space: str, node: str) -> None:
+        key = raw(space) + raw(node)
+        value = self.txn.get(key, db=self.db["chunkmeta"])
+        if value is not None:
+            self._touch(key, ChunkMeta.decode(value))
+
+    def pages_entry(self, space: str, node: str) -> ChunkMeta | None:
+        """The cache entry of the file's clean pages, if it has one."""
+        value = self.txn.get(raw(space) + raw(node), db=self.db["chunkmeta"])
+        return ChunkMeta.decode(value) if value is not None else None
+
+    def _drop_pages_entry(self, prefix: bytes) -> int:
+        value = self.txn.pop(prefix, db=self.db["chunkmeta"])
+        if value is None:
+            return 0
+        meta = ChunkMeta.decode(value)
+        self.txn.delete(u64(meta.atime_ns) + prefix, db=self.db["lru"])
+        self.set_meta_int("cache_bytes", self.meta_int("cache_bytes") - meta.size)
+        return meta.size
 
     def index_pages(self) -> int:
         """Fills `pagekeys` from `pages` (a store written before it existed)."""
@@ -568,8 +650,11 @@ class Txn:
                     continue
                 victims.append(chunk_key)
                 freed += meta.size
-        for chunk_key in victims:
-            self.delete_chunk(unraw(chunk_key[:16]), chunk_key[16:].hex())
+        for key in victims:
+            if len(key) == 32:  # a file's clean pages
+                self.drop_clean_pages(unraw(key[:16]), unraw(key[16:]))
+            else:
+                self.delete_chunk(unraw(key[:16]), key[16:].hex())
         return freed
 
     # ------------------------------------------------------------------ own commits

@@ -639,6 +639,8 @@ class Core:
             old = self.replica.content.retired(*handle.key, told)
             if (old is not None and not node.flags & Flag.DIRTY
                     and node.size < min(offset + size, old.size)):
+                # from its chunks: pages on this device hold the current version only
+                old = old.but(flags=old.flags & ~Flag.PAGED)
                 return await self.replica.content.read(old, offset, size)
         return await self.replica.read(*handle.key, offset, size)
 

@@ -459,27 +459,117 @@ async def test_replica_cache_cap_holds_while_reading_more(devices, tmp_path):
 
 
 async def test_replica_saved_file_stays_readable_offline_when_the_cache_writer_lags(
-    devices, server, monkeypatch
+    devices, server, monkeypatch, tmp_path
 ):
-    # Once a save commits, its dirty pages go and the chunks it sent are the file's only
-    # local copy. With the cache writer's queue held to 1 MiB, a save of 40 MB outruns it
-    # at once: it must wait for the writer, never leave chunks out, and the session must
-    # write what is still queued when it closes right after the save.
-    monkeypatch.setattr(chunks_module, "UNWRITTEN_BYTES", 1 << 20)
+    # A save that rewrites part of a file keeps the chunks it sent in the cache, and its
+    # pages go: those chunks are then the file's only local copy of that part. With the
+    # cache writer's queue held to 1 MiB, rewriting 30 of 40 MB outruns it at once: the
+    # save must wait for the writer, never leave chunks out, and the session must write
+    # what is still queued when it closes right after the save.
     home = await devices.add()
-    data = random.Random(7).randbytes(40_000_000)
+    data = bytearray(write_random(tmp_path / "saved.bin", 40_000_000, seed=7).read_bytes())
     async with Session.open(home) as a:
         r = a.replica
-        node = r.create(r.home, ROOT, "saved.bin")
-        for offset in range(0, len(data), 1 << 20):
-            await r.write(r.home, node.id, offset, data[offset : offset + (1 << 20)])
-        r.flush(r.home, node.id)
+        node_id = await a.import_file(tmp_path / "saved.bin", ROOT, "saved.bin")  # not cached
         await a.sync()
-        assert not r.node(r.home, node.id).flags & Flag.DIRTY
+        assert await read_path(a, "saved.bin") == data
+        ids = [c for c, _ in r.content.layout(r.node(r.home, node_id)).chunks]
+
+        def cached() -> bool:
+            with a.store.read() as t:
+                return all(t.chunk_meta(r.home, c) is not None for c in ids)
+
+        with trio.fail_after(30):
+            await until(cached)
+        monkeypatch.setattr(chunks_module, "UNWRITTEN_BYTES", 1 << 20)
+        new = random.Random(8).randbytes(30_000_000)
+        for offset in range(0, len(new), 1 << 20):
+            await r.write(r.home, node_id, offset, new[offset : offset + (1 << 20)])
+        data[: len(new)] = new
+        r.flush(r.home, node_id)
+        await a.sync()
+        assert not r.node(r.home, node_id).flags & (Flag.DIRTY | Flag.PAGED)
     server.stop()
     async with Session.open(home) as a:
         with trio.fail_after(30):
             assert await read_path(a, "saved.bin") == data
+
+
+async def test_replica_file_written_whole_keeps_its_pages_as_its_cached_copy(devices, server):
+    """A save of a file written whole keeps its pages, clean, as its cached copy instead
+    of writing the chunks it sent to the cache as well: none of them is cached, the
+    pages count in the cache's bytes, and the file reads offline after a remount."""
+    home = await devices.add()
+    data = random.Random(9).randbytes(20_000_000)
+    async with Session.open(home) as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "whole.bin")
+        for offset in range(0, len(data), 1 << 20):
+            await r.write(r.home, node.id, offset, data[offset : offset + (1 << 20)])
+        r.flush(r.home, node.id)
+        await a.sync()
+        node = r.node(r.home, node.id)
+        assert node.flags & Flag.PAGED and not node.flags & Flag.DIRTY
+        ids = [c for c, _ in r.content.layout(node).chunks]
+        with a.store.read() as t:
+            assert not any(t.chunk_meta(r.home, c) for c in ids)
+            assert t.page_numbers(r.home, node.id) == list(range(-(-len(data) // (128 << 10))))
+            assert t.dirty_page_numbers(r.home, node.id) == []
+            assert t.cache_bytes() >= len(data)
+        assert r.cached_bytes(node) == len(data)
+    server.stop()
+    async with Session.open(home) as a:
+        with trio.fail_after(30):
+            assert await read_path(a, "whole.bin") == data
+
+
+async def test_replica_kept_pages_give_way_to_a_remote_change_and_to_eviction(
+    devices, tmp_path
+):
+    """Clean pages copy one version: a newer one from another device replaces them (the
+    old bytes are never read again), and the cache cap evicts them like chunks."""
+    a_home, b_home = await devices.add(), await devices.add()
+    first = random.Random(10).randbytes(6_000_000)
+    second = random.Random(11).randbytes(5_000_000)
+    async with Session.open(a_home) as a:
+        r = a.replica
+        node = await write_new(r, "doc.bin", first)
+        await a.sync()
+        assert r.node(r.home, node.id).flags & Flag.PAGED
+    async with Session.open(b_home) as b:
+        await b.sync()
+        rb = b.replica
+        doc = rb.resolve("doc.bin")
+        await rb.truncate(rb.home, doc.id, 0)
+        await rb.write(rb.home, doc.id, 0, second)
+        rb.flush(rb.home, doc.id)
+        await b.sync()
+    async with Session.open(a_home) as a:
+        await a.sync()
+        r = a.replica
+        assert await read_path(a, "doc.bin") == second
+        node = r.node(r.home, node.id)
+        assert not node.flags & Flag.PAGED
+        with a.store.read() as t:
+            assert t.page_numbers(r.home, node.id) == []
+            assert t.pages_entry(r.home, node.id) is None
+    # a cache of 16 MB: each new file's pages push out the oldest
+    async with Session.open(a_home, cache_size=16_000_000) as a:
+        r = a.replica
+        files = {f"f{i}.bin": random.Random(20 + i).randbytes(3_500_000) for i in range(6)}
+        nodes = {}
+        for name, data in files.items():
+            nodes[name] = await write_new(r, name, data)
+            await a.sync()
+        with a.store.read() as t:
+            assert t.cache_bytes() <= 16_000_000
+            kept = [n for n in files if t.page_numbers(r.home, nodes[n].id)]
+            assert kept and "f0.bin" not in kept and "f5.bin" in kept
+            for name in files:
+                if name not in kept:
+                    assert t.pages_entry(r.home, nodes[name].id) is None
+        for name, data in files.items():
+            assert await read_path(a, name) == data
 
 
 async def test_replica_download_naming_chunks_to_come_has_the_server_read_them_early(

@@ -43,6 +43,44 @@ def test_pages_are_listed_and_deleted_by_node(tmp_path: Path):
     store.close()
 
 
+def test_clean_pages_are_one_cache_entry_until_written_evicted_or_dropped(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    a, b, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    with store.write() as t:
+        for n in range(4):
+            t.put_page(SPACE, a, n, b"a%d" % n)
+        t.put_page(SPACE, b, 0, b"b0")
+        assert t.keep_pages(SPACE, a, 4000) == 4
+        assert t.keep_pages(SPACE, b, 100) == 1
+        assert t.cache_bytes() == 4100
+        t.put_page(SPACE, a, 2, b"A2")  # written again: dirty, the rest stay clean
+    with store.read() as t:
+        assert t.page_numbers(SPACE, a) == [0, 1, 2, 3]
+        assert t.dirty_page_numbers(SPACE, a) == [2]
+        assert t.pages_entry(SPACE, a).size == 4000
+    with store.write() as t:
+        t.touch_pages(SPACE, a)  # now b is the least recently used
+        t.put_chunk(SPACE, "11" * 32, b"x" * 900)
+        assert t.evict(4900) == 100
+        assert t.page_numbers(SPACE, b) == [] and t.pages_entry(SPACE, b) is None
+        assert t.drop_clean_pages(SPACE, a) == 3  # the dirty page stays
+        assert t.page_numbers(SPACE, a) == [2] and t.page(SPACE, a, 2) == b"A2"
+        assert t.cache_bytes() == 900
+        # a space's mirror cleared: its clean pages go, dirty ones and chunks stay
+        t.put_page(SPACE, other, 0, b"o0")
+        t.keep_pages(SPACE, other, 50)
+        t.put_page(SPACE, a, 3, b"A3")
+        t.clear_space_tree(SPACE)
+        assert t.page_numbers(SPACE, other) == [] and t.pages_entry(SPACE, other) is None
+        assert t.page_numbers(SPACE, a) == [2, 3]
+        assert t.cache_bytes() == 900
+        # all of a file's pages deleted: its entry goes with them
+        t.keep_pages(SPACE, a, 300)
+        assert t.del_pages(SPACE, a) == 2
+        assert t.pages_entry(SPACE, a) is None and t.cache_bytes() == 900
+    store.close()
+
+
 def test_a_store_without_the_page_index_gets_one_when_opened(tmp_path: Path):
     store = Store(tmp_path / "store")
     node = str(uuid.uuid4())
