@@ -32,3 +32,22 @@ def test_advise_reads_the_named_blobs_into_the_page_cache_and_ignores_absent_one
         time.sleep(0.01)
     assert [resident(p) for p in paths] == [full, full, 0]
     assert store.get(SPACE, ids[0]) is not None
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_blobs_of_any_length_read_back_as_written(tmp_path, direct):
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    store.direct = store.direct and direct
+    sizes = [0, 1, 4095, 4096, 4097, (2 << 20) + 3, 9 << 20]
+    items = [(f"{i:02x}" * 32, os.urandom(n)) for i, n in enumerate(sizes)]
+    store.put_many(SPACE, items[:3])
+    for chunk_id, data in items[3:]:
+        store.put(SPACE, chunk_id, memoryview(data))
+    big = store._path(SPACE, items[-1][0])
+    if direct and store.direct:
+        assert resident(big) == 0  # written past the page cache
+    elif not direct:
+        assert resident(big) > 0
+    for chunk_id, data in items:
+        assert store.get(SPACE, chunk_id) == data
+    assert not list((tmp_path / "blobs").rglob("*.tmp"))
