@@ -388,6 +388,9 @@ def _decompress(chunk_id: str, body: bytes) -> bytes:
     return plaintext
 
 
+_PAGE_TAMPERED = "authentication failed (tampered, moved, or another key)"
+
+
 class DirtySealer:
     """Seals pages of modified, not yet uploaded file data for the local store, under a
     key derived from the device key. LMDB reuses freed pages without wiping them, so
@@ -426,11 +429,7 @@ class DirtySealer:
 
     def open(self, node_id: str, page_no: int, blob: bytes | bytearray | memoryview) -> bytes:
         """Returns the data sealed as page `page_no` of `node_id`, or raises CorruptPage."""
-        if len(blob) < self.OVERHEAD_BYTES:
-            raise CorruptPage(node_id, page_no, f"sealed page of {len(blob)} bytes is too short")
-        view = memoryview(blob)
-        if view[0] != _PAGE_VERSION:
-            raise CorruptPage(node_id, page_no, f"unknown format version {view[0]}")
+        view = self._checked(node_id, page_no, blob)
         try:
             return self._aead.decrypt(
                 bytes(view[1 : 1 + NONCE_BYTES]),
@@ -438,6 +437,32 @@ class DirtySealer:
                 self._aad(node_id, page_no),
             )
         except InvalidTag:
-            raise CorruptPage(
-                node_id, page_no, "authentication failed (tampered, moved, or another key)"
-            ) from None
+            raise CorruptPage(node_id, page_no, _PAGE_TAMPERED) from None
+
+    def open_into(
+        self, node_id: str, page_no: int, blob: bytes | bytearray | memoryview, out: memoryview
+    ) -> None:
+        """`open` into `out`, which must be `plain_size(blob)` bytes long. On
+        CorruptPage, `out` holds garbage."""
+        view = self._checked(node_id, page_no, blob)
+        try:
+            self._aead.decrypt_into(
+                bytes(view[1 : 1 + NONCE_BYTES]),
+                view[1 + NONCE_BYTES :],
+                self._aad(node_id, page_no),
+                out,
+            )
+        except InvalidTag:
+            raise CorruptPage(node_id, page_no, _PAGE_TAMPERED) from None
+
+    def plain_size(self, blob: bytes | bytearray | memoryview) -> int:
+        """The length of the data a sealed page holds."""
+        return len(blob) - self.OVERHEAD_BYTES
+
+    def _checked(self, node_id: str, page_no: int, blob) -> memoryview:
+        if len(blob) < self.OVERHEAD_BYTES:
+            raise CorruptPage(node_id, page_no, f"sealed page of {len(blob)} bytes is too short")
+        view = memoryview(blob)
+        if view[0] != _PAGE_VERSION:
+            raise CorruptPage(node_id, page_no, f"unknown format version {view[0]}")
+        return view

@@ -294,24 +294,28 @@ class SyncReader:
         self.txn, self.sealer, self.node, self.layout = txn, sealer, node, layout
         self.open_chunk, self.extra = open_chunk, extra
 
-    def read(self, offset: int, end: int) -> bytearray:
-        end = min(end, self.node.size)
-        out = bytearray()
+    def read_into(self, out: memoryview, offset: int) -> None:
+        """Fills `out` with the content from `offset` (up to the file's size at most).
+        A whole page is decrypted straight into it: a 1 GiB save copied each byte twice
+        more on its way to the chunker before."""
         t = self.txn
         paged = self.node.flags & (Flag.DIRTY | Flag.PAGED)
+        end = offset + len(out)
         pos = offset
         while pos < end:
             page_no = pos // PAGE_SIZE
-            stop = min(end, (page_no + 1) * PAGE_SIZE)
+            base = page_no * PAGE_SIZE
+            stop = min(end, base + PAGE_SIZE)
+            dst = out[pos - offset : stop - offset]
             blob = t.page_view(self.node.space, self.node.id, page_no) if paged else None
-            if blob is not None:
-                page = self.sealer.open(self.node.id, page_no, blob)
-                base = page_no * PAGE_SIZE
-                out += page_slice(page, pos - base, stop - base)
+            if blob is None:
+                dst[:] = self._base(t, pos, stop)
+            elif pos == base and stop - base == self.sealer.plain_size(blob):
+                self.sealer.open_into(self.node.id, page_no, blob, dst)
             else:
-                out += self._base(t, pos, stop)
+                page = self.sealer.open(self.node.id, page_no, blob)
+                dst[:] = page_slice(page, pos - base, stop - base)
             pos = stop
-        return out
 
     def _base(self, t, offset: int, end: int) -> bytes:
         limit = min(self.layout.size, self.node.floor)
@@ -401,13 +405,18 @@ def rechunk(
             break
         # cut new chunks from pos until a cut lands on an old boundary past the change
         change_end = ranges[r][1] if r < len(ranges) else size
-        buf = bytearray()
+        tail: bytes | memoryview = b""
         buf_start = pos
         while True:
-            want = min(size, buf_start + len(buf) + 2 * MAX_SIZE)
-            if buf_start + len(buf) < want:
-                buf += reader.read(buf_start + len(buf), want)
-            at_eof = buf_start + len(buf) >= size
+            # a fresh buffer each round (`emit` may still hold views of the last one):
+            # the last round's uncut tail, then the content read straight after it
+            have = buf_start + len(tail)
+            want = min(size, have + 2 * MAX_SIZE)
+            buf = bytearray(want - buf_start)
+            buf[: len(tail)] = tail
+            if have < want:
+                reader.read_into(memoryview(buf)[len(tail) :], have)
+            at_eof = want >= size
             cuts = chunker.cut(buf)
             if not at_eof:
                 cuts = cuts[:-1]  # the last cut is forced by the buffer's end
@@ -431,10 +440,8 @@ def rechunk(
                     resynced = True
                     break
             buf_start += consumed
-            # a fresh buffer for the rest: `emit` may still hold views of this one
-            buf = bytearray(view[consumed:])
-            view.release()
-            if resynced or (at_eof and not buf):
+            tail = view[consumed:]
+            if resynced or (at_eof and not tail):
                 pos = buf_start
                 break
         if not resynced:

@@ -20,8 +20,8 @@ class BytesReader:
     data: bytes
     node: Node
 
-    def read(self, offset: int, end: int) -> bytes:
-        return self.data[offset : min(end, self.node.size)]
+    def read_into(self, out: memoryview, offset: int) -> None:
+        out[:] = self.data[offset : offset + len(out)]
 
 
 def ids(data: bytes) -> list[tuple[str, int]]:
