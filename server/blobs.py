@@ -140,7 +140,9 @@ class DirectoryBlobStore:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self.direct = False  # this filesystem has no O_DIRECT
+                # this filesystem has no O_DIRECT (the open may have created the file)
+                self.direct = False
+                _quietly(os.unlink, tmp)
             else:
                 try:
                     self._write_direct(fd, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -50,4 +51,26 @@ def test_blobs_of_any_length_read_back_as_written(tmp_path, direct):
         assert resident(big) > 0
     for chunk_id, data in items:
         assert store.get(SPACE, chunk_id) == data
+    assert not list((tmp_path / "blobs").rglob("*.tmp"))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes_and_no_stray_file(
+    tmp_path, monkeypatch
+):
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, **kwargs):
+        if flags & os.O_DIRECT:
+            # as Linux does: the file is created before the flag is refused
+            os.close(real_open(path, flags & ~os.O_DIRECT, mode, **kwargs))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    data = os.urandom(1 << 20)
+    store.put(SPACE, "ab" * 32, data)
+    assert not store.direct
+    assert store.get(SPACE, "ab" * 32) == data
     assert not list((tmp_path / "blobs").rglob("*.tmp"))
