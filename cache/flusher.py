@@ -608,8 +608,10 @@ class Flusher:
                         if item.keep_pages and t.keep_pages(batch.space, p.node, node.size):
                             clean |= Flag.PAGED
                             kept_pages = True
-                        else:
-                            t.del_pages(batch.space, p.node)
+                        elif t.del_dirty_pages(batch.space, p.node):
+                            # clean pages from an earlier save still copy the content
+                            # where they are (truncations drop those past the cut)
+                            clean |= node.flags & Flag.PAGED
                         node = node.but(flags=clean, floor=NO_FLOOR)
                     else:
                         rewritten.append((batch.space, p.node))
@@ -726,6 +728,16 @@ class Flusher:
             flags=Flag.LOCAL,
             xattrs=node.xattrs,
         )
+        if item.keep_pages:
+            # The chunks it sent were not cached (its pages were to stay): the pages
+            # are the only local copy of the edit, and go to the copy, sealed under its
+            # id, as written since (the flusher cuts them again and finds the chunks
+            # on the server).
+            sealer = self.replica.sealer
+            for page_no in t.page_numbers(space, node.id):
+                plain = sealer.open(node.id, page_no, t.page(space, node.id, page_no))
+                t.put_page(space, copy.id, page_no, sealer.seal(copy.id, page_no, plain))
+            copy = copy.but(size=node.size, floor=node.floor, flags=Flag.LOCAL | Flag.DIRTY)
         t.put_node(copy)
         t.put_manifest_bytes(space, copy.id, encode_manifest([tuple(c) for c in item.manifest]))
         if keep_name and t.child(space, parent, name) == node.id:

@@ -134,18 +134,29 @@ class Reconciler:
         if not self.replica.idle():
             return  # local work arrived meanwhile; try again when it is committed
         held = {n for s, n in self.replica.state.held if s == space}
+        versions = {tree_node.state.node: tree_node.state.version for tree_node in nodes}
         with self.store.write() as t:
             kept = {n: t.node(space, n) for n in held}
-            t.clear_space_tree(space)
+            manifests = {n: t.manifest_bytes(space, n) for n in held}
+            gone = {n for n, node in kept.items() if node is not None and n not in versions}
+            # files whose pages copy a version the server still has keep them
+            paged = {n.id for n in t.nodes(space)
+                     if n.flags & Flag.PAGED and versions.get(n.id) == n.version}
+            t.clear_space_tree(space, keep=paged | gone)
             for tree_node in nodes:
                 state = tree_node.state
-                t.put_node(node_from_state(space, state, state.attrs.mtime_ns))
+                fresh = node_from_state(space, state, state.attrs.mtime_ns)
+                if state.node in paged:
+                    fresh = fresh.but(flags=fresh.flags | Flag.PAGED)
+                t.put_node(fresh)
                 t.put_manifest_bytes(space, state.node, encode_manifest(state.chunks or []))
                 for entry in tree_node.entries:
                     t.add_entry(space, entry.parent, entry.name, state.node)
-            for node_id, node in kept.items():
-                if node is not None and t.node(space, node_id) is None:
-                    t.put_node(node)  # open but gone: readable until closed
+            for node_id in gone:
+                # open but gone: readable until closed, as it was
+                t.put_node(kept[node_id])
+                if manifests[node_id] is not None:
+                    t.put_manifest_bytes(space, node_id, manifests[node_id])
             t.set_meta_int(f"cursor:{space}", first.seq)
         self.replica.state.needs_resync.discard(space)
         self.replica.content.forget_all()

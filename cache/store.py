@@ -41,7 +41,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -388,20 +388,24 @@ class Txn:
                     out.append((unraw(key[32:48]), bytes(key[48:]).decode()))
         return out
 
-    def clear_space_tree(self, space: str) -> None:
-        """Drops the mirror of a space (nodes, manifests, entries, clean pages); keeps
-        chunks and dirty pages."""
+    def clear_space_tree(self, space: str, keep: Container[str] = ()) -> None:
+        """Drops the mirror of a space (nodes, manifests, entries, and the clean pages
+        of files not in `keep`); keeps chunks and dirty pages."""
         self.tree_changed = True
         prefix = raw(space)
-        # clean pages copy what the mirror says a file holds: they go with it
-        self._delete_pages(self._page_keys(prefix, state=CLEAN))
+        # clean pages copy what the mirror says a file holds: they go with it, but for
+        # the files whose version the caller knows is unchanged
+        kept = {raw(node) for node in keep}
+        self._delete_pages(
+            [k for k in self._page_keys(prefix, state=CLEAN) if k[16:32] not in kept]
+        )
         entries = []
         with self.txn.cursor(db=self.db["chunkmeta"]) as cur:
             if cur.set_range(prefix):
                 for key in cur.iternext(values=False):
                     if not bytes(key).startswith(prefix):
                         break
-                    if len(key) == 32:
+                    if len(key) == 32 and bytes(key[16:]) not in kept:
                         entries.append(bytes(key))
         for key in entries:
             self._drop_pages_entry(key)
@@ -470,6 +474,16 @@ class Txn:
             self.txn.delete(key, db=self.db["pages"])  # maps the value in (see MapPages)
             self.txn.delete(key, db=self.db["pagekeys"])
             self._mapped(PAGE_SIZE)
+
+    def del_dirty_pages(self, space: str, node: str) -> int:
+        """Deletes the file's dirty pages; returns how many clean ones are left."""
+        prefix = raw(space) + raw(node)
+        keys = self._page_keys(prefix)
+        dirty = self._page_keys(prefix, state=b"")
+        self._delete_pages(dirty)
+        if len(dirty) == len(keys):
+            self._drop_pages_entry(prefix)
+        return len(keys) - len(dirty)
 
     def keep_pages(self, space: str, node: str, size: int) -> int:
         """Makes every page of the file clean, its content as just committed: kept as

@@ -177,10 +177,16 @@ async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
         names_a = sorted(n for n, *_ in ra.readdir(ra.home, ROOT))
         names_b = sorted(n for n, *_ in rb.readdir(rb.home, ROOT))
         assert names_a == names_b and len(names_a) == 2
-        contents = {await read_path(a, n) for n in names_a}
-        assert contents == {b"laptop's edit", b"desk's edit!!"}
         conflicted = [n for n in names_a if "conflicted copy" in n]
         assert len(conflicted) == 1 and conflicted[0].endswith(".txt")
+        # the device that lost (its name is in the copy's) keeps its edit locally in
+        # the copy: readable offline, before anything else reads it
+        maker, edit = (a, b"laptop's edit") if "laptop" in conflicted[0] else (b, b"desk's edit!!")
+        server.stop()
+        assert await read_path(maker, conflicted[0]) == edit
+        server.start()
+        contents = {await read_path(a, n) for n in names_a}
+        assert contents == {b"laptop's edit", b"desk's edit!!"}
 
 
 async def test_replica_delete_against_edit_keeps_the_edit(devices, server):
@@ -570,6 +576,37 @@ async def test_replica_kept_pages_give_way_to_a_remote_change_and_to_eviction(
                     assert t.pages_entry(r.home, nodes[name].id) is None
         for name, data in files.items():
             assert await read_path(a, name) == data
+
+
+async def test_replica_kept_pages_stay_through_a_partial_save_and_a_resync(devices, server):
+    """A later save that rewrites part of a file keeps the clean pages of the rest (the
+    chunks there were never cached), and a resync keeps the pages of files whose
+    version the server still has: the file reads offline after both."""
+    home = await devices.add()
+    data = random.Random(12).randbytes(6_000_000)
+    async with Session.open(home) as a:
+        r = a.replica
+        node = await write_new(r, "grown.bin", data)
+        await a.sync()
+        await r.truncate(r.home, node.id, 9_000_000)  # a hole at the end
+        r.flush(r.home, node.id)
+        await a.sync()
+        expected = data + bytes(3_000_000)
+
+        def paged() -> int:
+            n = r.node(r.home, node.id)
+            assert n.flags & Flag.PAGED and not n.flags & Flag.DIRTY
+            with a.store.read() as t:
+                assert t.pages_entry(r.home, node.id) is not None
+                return len(t.page_numbers(r.home, node.id))
+
+        assert paged() == -(-len(data) // (128 << 10))
+        await a.reconciler.resync(r.home)
+        assert paged() == -(-len(data) // (128 << 10))
+    server.stop()
+    async with Session.open(home) as a:
+        with trio.fail_after(30):
+            assert await read_path(a, "grown.bin") == expected
 
 
 async def test_replica_download_naming_chunks_to_come_has_the_server_read_them_early(
