@@ -141,7 +141,9 @@ class Content:
         first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
         with self.store.read() as t:
             sealed = {p: t.page(node.space, node.id, p) for p in range(first, last + 1)}
-        if node.flags & Flag.PAGED:
+        if not node.flags & Flag.DIRTY:
+            if not any(sealed.values()):  # its clean pages were evicted
+                return await self._read_base(node, offset, end, prefetch=True)
             self.touch_pages(node.space, node.id)
         out = bytearray()
         pos = offset

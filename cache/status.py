@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from cache.records import Flag, Kind, Node, decode_manifest
+from cache.records import PAGE_SIZE, Flag, Kind, Node, decode_manifest
 from cache.store import Store, Txn
 
 STATE_FILE = "state.json"
@@ -120,6 +120,10 @@ def file_state(t: Txn, node: Node, pending: bool) -> tuple[str, int]:
     online-only."""
     manifest = decode_manifest(t.manifest_bytes(node.space, node.id))
     cached = sum(n for c, n in manifest if t.chunk_meta(node.space, c) is not None)
+    if node.flags & Flag.PAGED:
+        # its clean pages hold the content too (an estimate, as in Replica.cached_bytes)
+        pages = len(t.page_numbers(node.space, node.id))
+        cached = min(node.size, cached + pages * PAGE_SIZE)
     if any(CONFLICT_MARK in name for _, name in t.entries_of(node.space, node.id)):
         return "conflict", cached
     if pending or node.flags & (Flag.DIRTY | Flag.LOCAL):

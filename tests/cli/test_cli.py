@@ -117,7 +117,8 @@ def test_cli_status_json_schema_and_file_state(signed_up):
     assert status["last_sync"] is not None
     r = signed_up("status", "report.txt", "--json")
     info = json.loads(r.stdout)
-    assert info["size"] == 17 and info["state"] in ("cached", "partial", "online-only")
+    # saved whole on this device: its pages stay as its local copy
+    assert info["size"] == 17 and info["state"] == "cached"
     assert signed_up("status", "missing.txt").returncode == 1
     human = signed_up("status")
     assert human.returncode == 0 and "pending      0 files" in human.stdout
