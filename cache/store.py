@@ -487,13 +487,15 @@ class Txn:
 
     def keep_pages(self, space: str, node: str, size: int) -> int:
         """Makes every page of the file clean, its content as just committed: kept as
-        the file's cached copy (one cache entry, counted as `size` bytes, evicted like a
-        chunk) instead of a second copy as chunks. Returns the number of pages."""
+        the file's cached copy (one cache entry, counted as `size` bytes or its pages'
+        if fewer, evicted like a chunk) instead of a second copy as chunks. Returns the
+        number of pages."""
         prefix = raw(space) + raw(node)
         keys = self._page_keys(prefix)
         for key in keys:
             self.txn.put(key, CLEAN, db=self.db["pagekeys"])
         self._drop_pages_entry(prefix)
+        size = min(size, len(keys) * PAGE_SIZE)
         if keys:
             now = time.time_ns()
             self.txn.put(prefix, ChunkMeta(now, size, 0).encode(), db=self.db["chunkmeta"])

@@ -74,8 +74,10 @@ def test_clean_pages_are_one_cache_entry_until_written_evicted_or_dropped(tmp_pa
         assert t.page_numbers(SPACE, other) == [] and t.pages_entry(SPACE, other) is None
         assert t.page_numbers(SPACE, a) == [2, 3]
         assert t.cache_bytes() == 900
+        # counted as its size, or its pages' if fewer (the rest was evicted meanwhile)
+        t.keep_pages(SPACE, a, 10 * PAGE_SIZE)
+        assert t.pages_entry(SPACE, a).size == 2 * PAGE_SIZE
         # all of a file's pages deleted: its entry goes with them
-        t.keep_pages(SPACE, a, 300)
         assert t.del_pages(SPACE, a) == 2
         assert t.pages_entry(SPACE, a) is None and t.cache_bytes() == 900
     store.close()
