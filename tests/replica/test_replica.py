@@ -185,6 +185,8 @@ async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
         server.stop()
         assert await read_path(maker, conflicted[0]) == edit
         server.start()
+        with trio.fail_after(30):  # reads of uncached chunks fail fast while offline
+            await until(lambda: a.replica.net.online)
         contents = {await read_path(a, n) for n in names_a}
         assert contents == {b"laptop's edit", b"desk's edit!!"}
 
