@@ -40,13 +40,11 @@ from cache.errors import (
     ReadOnly,
 )
 from cache.records import (
-    PAGE_SIZE,
     SPECIALS,
     Flag,
     Kind,
     Node,
     Pending,
-    decode_manifest,
     encode_manifest,
 )
 from cache.store import Store, StoreFull, Txn
@@ -236,15 +234,9 @@ class Replica:
             return _nlink(t, node)
 
     def cached_bytes(self, node: Node) -> int:
-        """Bytes of the file readable without the server: its committed content held
-        in the local chunk cache, plus its pages (an estimate, at most its size)."""
+        """Bytes of the file readable without the server (see Txn.held_bytes)."""
         with self.store.read() as t:
-            manifest = decode_manifest(t.manifest_bytes(node.space, node.id))
-            held = sum(n for c, n in manifest if t.chunk_meta(node.space, c) is not None)
-            if node.flags & (Flag.DIRTY | Flag.PAGED):
-                held = min(held, node.floor)
-                held += len(t.page_numbers(node.space, node.id)) * PAGE_SIZE
-        return min(held, node.size)
+            return t.held_bytes(node)
 
     def path_of(self, space: str, node_id: str) -> str | None:
         """A path of the node (its first entry), or None if it has none."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from cache.records import PAGE_SIZE, Flag, Kind, Node, decode_manifest
+from cache.records import Flag, Kind, Node
 from cache.store import Store, Txn
 
 STATE_FILE = "state.json"
@@ -118,17 +118,12 @@ def status(home: Path, config) -> Status:
 def file_state(t: Txn, node: Node, pending: bool) -> tuple[str, int]:
     """(state, cached bytes) of one node: conflict, pending, cached, partial or
     online-only."""
-    manifest = decode_manifest(t.manifest_bytes(node.space, node.id))
-    cached = sum(n for c, n in manifest if t.chunk_meta(node.space, c) is not None)
-    if node.flags & Flag.PAGED:
-        # its clean pages hold the content too (an estimate, as in Replica.cached_bytes)
-        pages = len(t.page_numbers(node.space, node.id))
-        cached = min(node.size, cached + pages * PAGE_SIZE)
+    cached = t.held_bytes(node)
     if any(CONFLICT_MARK in name for _, name in t.entries_of(node.space, node.id)):
         return "conflict", cached
     if pending or node.flags & (Flag.DIRTY | Flag.LOCAL):
         return "pending", cached
-    if node.kind != Kind.FILE or cached >= sum(n for _, n in manifest):
+    if node.kind != Kind.FILE or cached >= node.size:
         return "cached", cached
     return ("partial" if cached else "online-only"), cached
 

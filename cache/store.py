@@ -50,8 +50,10 @@ import lmdb
 from cache.records import (
     PAGE_SIZE,
     ChunkMeta,
+    Flag,
     Node,
     Pending,
+    decode_manifest,
     from_u64,
     raw,
     u64,
@@ -435,11 +437,9 @@ class Txn:
         self.txn.put(key, sealed, db=self.db["pages"])
         self.txn.put(key, b"", db=self.db["pagekeys"])
 
-    def _page_keys(
-        self, prefix: bytes, start: int = 0, state: bytes | None = None
-    ) -> list[bytes]:
-        """Keys of the pages under `prefix` (a space, or a space and a node) from page
-        `start` (with a node), only those in `state` if given."""
+    def _pages(self, prefix: bytes, start: int = 0) -> list[tuple[bytes, bytes]]:
+        """(key, state) of the pages under `prefix` (a space, or a space and a node)
+        from page `start` (with a node)."""
         out = []
         with self.txn.cursor(db=self.db["pagekeys"]) as cur:
             if cur.set_range(prefix + (u64(start) if len(prefix) == 32 else b"")):
@@ -447,9 +447,14 @@ class Txn:
                     key = bytes(view)  # a view in a `read(views=True)` transaction
                     if not key.startswith(prefix):
                         break
-                    if state is None or bytes(value) == state:
-                        out.append(key)
+                    out.append((key, bytes(value)))
         return out
+
+    def _page_keys(
+        self, prefix: bytes, start: int = 0, state: bytes | None = None
+    ) -> list[bytes]:
+        """Keys of `_pages`, only those in `state` if given."""
+        return [k for k, s in self._pages(prefix, start) if state is None or s == state]
 
     def page_numbers(self, space: str, node: str, start: int = 0) -> list[int]:
         """The file's pages, dirty and clean."""
@@ -478,12 +483,12 @@ class Txn:
     def del_dirty_pages(self, space: str, node: str) -> int:
         """Deletes the file's dirty pages; returns how many clean ones are left."""
         prefix = raw(space) + raw(node)
-        keys = self._page_keys(prefix)
-        dirty = self._page_keys(prefix, state=b"")
+        pages = self._pages(prefix)
+        dirty = [key for key, state in pages if state != CLEAN]
         self._delete_pages(dirty)
-        if len(dirty) == len(keys):
+        if len(dirty) == len(pages):
             self._drop_pages_entry(prefix)
-        return len(keys) - len(dirty)
+        return len(pages) - len(dirty)
 
     def keep_pages(self, space: str, node: str, size: int) -> int:
         """Makes every page of the file clean, its content as just committed: kept as
@@ -510,6 +515,16 @@ class Txn:
         self._delete_pages(keys)
         self._drop_pages_entry(prefix)
         return len(keys)
+
+    def held_bytes(self, node: Node) -> int:
+        """Bytes of the file readable without the server: its committed content in the
+        chunk cache (below its floor), plus its pages (an estimate, at most its size)."""
+        manifest = decode_manifest(self.manifest_bytes(node.space, node.id))
+        held = sum(n for c, n in manifest if self.chunk_meta(node.space, c) is not None)
+        if node.flags & (Flag.DIRTY | Flag.PAGED):
+            held = min(held, node.floor)
+            held += len(self.page_numbers(node.space, node.id)) * PAGE_SIZE
+        return min(held, node.size)
 
     def touch_pages(self, space: str, node: str) -> None:
         key = raw(space) + raw(node)
