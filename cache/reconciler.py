@@ -137,8 +137,8 @@ class Reconciler:
         versions = {tree_node.state.node: tree_node.state.version for tree_node in nodes}
         with self.store.write() as t:
             kept = {n: t.node(space, n) for n in held}
-            manifests = {n: t.manifest_bytes(space, n) for n in held}
             gone = {n for n, node in kept.items() if node is not None and n not in versions}
+            manifests = {n: t.manifest_bytes(space, n) for n in gone}
             # files whose pages copy a version the server still has keep them
             paged = {n.id for n in t.nodes(space)
                      if n.flags & Flag.PAGED and versions.get(n.id) == n.version}
@@ -155,8 +155,7 @@ class Reconciler:
             for node_id in gone:
                 # open but gone: readable until closed, as it was
                 t.put_node(kept[node_id])
-                if manifests[node_id] is not None:
-                    t.put_manifest_bytes(space, node_id, manifests[node_id])
+                t.put_manifest_bytes(space, node_id, manifests[node_id])
             t.set_meta_int(f"cursor:{space}", first.seq)
         self.replica.state.needs_resync.discard(space)
         self.replica.content.forget_all()
