@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Sequence
 
 import pyfuse3
@@ -48,6 +49,17 @@ def entry(attrs: Attrs) -> pyfuse3.EntryAttributes:
 
 def _mode(mode: int, ctx: pyfuse3.RequestContext) -> int:
     return mode & ~ctx.umask
+
+
+def _write_only(flags: int) -> bool:
+    """Whether a handle bypasses the kernel's page cache (direct I/O): those opened
+    write-only, as `cp`, `>` and downloads open them. Their writes then go from the
+    writer's memory to the mount with no page cache copy, which here cost the writer
+    2.1-2.9 s of kernel time per GiB (fresh pages for the file's cache, which nothing
+    would read: the store holds the written pages). A write-only handle cannot be
+    mapped, so mmap is unaffected; readers of the file reopen it or see its new
+    mtime, and the kernel drops their cached pages (auto_inval_data)."""
+    return flags & os.O_ACCMODE == os.O_WRONLY
 
 
 class Operations(pyfuse3.Operations):
@@ -136,14 +148,15 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         with errnos("open"):
             fh, keep_cache = await self.core.open(inode, flags)
-            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=_write_only(flags))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with errnos("create"):
             fh, attrs = self.core.create(
                 parent_inode, name, _mode(mode, ctx), flags, ctx.uid, ctx.gid
             )
-            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), entry(attrs)
+            info = pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=_write_only(flags))
+            return info, entry(attrs)
 
     async def read(self, fh, off, size):
         with errnos("read"):

@@ -222,6 +222,24 @@ def test_mount_append_and_trunc(mnt: Path):
     assert path.read_bytes() == b"short"
 
 
+def test_mount_reader_sees_what_a_write_only_handle_wrote(mnt: Path):
+    # write-only handles bypass the page cache (direct I/O): a reader that holds the
+    # file open with its pages cached, the last one partial, still reads the new bytes
+    path = mnt / "shared-log"
+    path.write_bytes(b"a" * 5000)
+    with open(path, "rb", buffering=0) as r:
+        assert r.read() == b"a" * 5000
+        w = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(w, b"B" * 100, 10)
+            os.pwrite(w, b"C" * 3000, 5000)
+        finally:
+            os.close(w)
+        assert os.fstat(r.fileno()).st_size == 8000
+        assert os.pread(r.fileno(), 8192, 0) == b"a" * 10 + b"B" * 100 + b"a" * 4890 + b"C" * 3000
+    assert path.read_bytes() == b"a" * 10 + b"B" * 100 + b"a" * 4890 + b"C" * 3000
+
+
 def test_mount_sparse_file(mnt: Path):
     path = mnt / "sparse"
     with open(path, "wb") as f:
