@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cache.chunker import MAX_SIZE, Chunker
 from cache.codec import DirtySealer
 from cache.records import PAGE_SIZE, Flag, Node, decode_manifest
+from cache.spool import spool_span
 from cache.store import Store, Txn
 from loft.protocol import ChunkRef
 
@@ -37,6 +40,9 @@ RETIRED = 64
 #: fetchers and eight transfers, read 1 GiB cold in 3.1-4.2 s where half of it with four
 #: took 3.9-5.2 s (alternated on fresh devices, same server).
 READ_AHEAD_CHUNKS = 8
+#: A re-chunking read of a file's pages this large reads the next as many in the
+#: background (the spool is read from the disk, with no page cache)
+READ_AHEAD_FROM = 4 * 1024 * 1024
 #: Past the prefetch window, how many chunks the server is asked to read ahead from
 #: its disk (no bytes move until they are asked for).
 SERVER_READ_AHEAD_CHUNKS = 16
@@ -140,7 +146,7 @@ class Content:
             return await self._read_base(node, offset, end, prefetch=True)
         first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
         with self.store.read() as t:
-            sealed = {p: t.page(node.space, node.id, p) for p in range(first, last + 1)}
+            sealed = t.pages_in(node.space, node.id, first, last)
         if not node.flags & Flag.DIRTY:
             if not any(sealed.values()):  # its clean pages were evicted
                 return await self._read_base(node, offset, end, prefetch=True)
@@ -295,21 +301,29 @@ class SyncReader:
     ) -> None:
         self.txn, self.sealer, self.node, self.layout = txn, sealer, node, layout
         self.open_chunk, self.extra = open_chunk, extra
+        #: the spool's pages of the next range, read by a thread while the caller cuts
+        #: the last one: (first, last, the thread, its result or error)
+        self._ahead: tuple[int, int, threading.Thread, list] | None = None
+        self._buf: mmap.mmap | None = None
 
     def read_into(self, out: memoryview, offset: int) -> None:
         """Fills `out` with the content from `offset` (up to the file's size at most).
         A whole page is decrypted straight into it: a 1 GiB save copied each byte twice
-        more on its way to the chunker before."""
+        more on its way to the chunker before. After a large read, the pages of the
+        same length after it are read from the spool (a disk read) in the background."""
         t = self.txn
-        paged = self.node.flags & (Flag.DIRTY | Flag.PAGED)
         end = offset + len(out)
+        blobs: dict = {}
+        if self.node.flags & (Flag.DIRTY | Flag.PAGED) and end > offset:
+            first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
+            blobs = self._read_ahead_of(first, last) or self._read_pages(first, last)
         pos = offset
         while pos < end:
             page_no = pos // PAGE_SIZE
             base = page_no * PAGE_SIZE
             stop = min(end, base + PAGE_SIZE)
             dst = out[pos - offset : stop - offset]
-            blob = t.page_view(self.node.space, self.node.id, page_no) if paged else None
+            blob = blobs.get(page_no)
             if blob is None:
                 dst[:] = self._base(t, pos, stop)
             elif pos == base and stop - base == self.sealer.plain_size(blob):
@@ -318,6 +332,55 @@ class SyncReader:
                 page = self.sealer.open(self.node.id, page_no, blob)
                 dst[:] = page_slice(page, pos - base, stop - base)
             pos = stop
+        if blobs and len(out) >= READ_AHEAD_FROM:
+            count = (end - 1) // PAGE_SIZE - offset // PAGE_SIZE + 1
+            self._start_read_ahead((end - 1) // PAGE_SIZE + 1, count)
+
+    def _buffer(self, nbytes: int) -> mmap.mmap:
+        if self._buf is None or len(self._buf) < nbytes:
+            self._buf = mmap.mmap(-1, nbytes)
+        return self._buf
+
+    def _read_pages(self, first: int, last: int) -> dict:
+        values = self.txn.page_values(self.node.space, self.node.id, first, last)
+        return self.txn.sealed_pages(values, self._buffer(spool_span(values)))
+
+    def _start_read_ahead(self, first: int, count: int) -> None:
+        last = min(first + count, -(-self.node.size // PAGE_SIZE)) - 1
+        if last < first:
+            return
+        values = self.txn.page_values(self.node.space, self.node.id, first, last)
+        buf = self._buffer(spool_span(values))
+        result: list = []
+
+        def read() -> None:
+            try:
+                result.append(self.txn.sealed_pages(values, buf))
+            except BaseException as exc:  # re-raised by the reader that takes it
+                result.append(exc)
+
+        thread = threading.Thread(target=read, name="spool read-ahead", daemon=True)
+        thread.start()
+        self._ahead = (first, last, thread, result)
+
+    def _read_ahead_of(self, first: int, last: int) -> dict | None:
+        """The pages read ahead, if they are those of `first` to `last`."""
+        if self._ahead is None:
+            return None
+        ahead_first, ahead_last, thread, result = self._ahead
+        self._ahead = None
+        thread.join()  # its buffer is the one the next read fills
+        if (ahead_first, ahead_last) != (first, last):
+            return None
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    def close(self) -> None:
+        """Waits for a read-ahead still running."""
+        if self._ahead is not None:
+            self._ahead[2].join()
+            self._ahead = None
 
     def _base(self, t, offset: int, end: int) -> bytes:
         limit = min(self.layout.size, self.node.floor)

@@ -443,7 +443,10 @@ class Flusher:
                 keep.chunks, keep.pages = False, True
             ranges = changed_ranges(now, layout, t.dirty_page_numbers(node.space, node.id))
             reader = SyncReader(t, self.replica.sealer, now, layout, codec.open, extra)
-            return now, rechunk(reader, layout, self.chunker, now.size, ranges, emit)
+            try:
+                return now, rechunk(reader, layout, self.chunker, now.size, ranges, emit)
+            finally:
+                reader.close()  # before the transaction ends
 
     async def _upload(
         self, node: Node, codec: ChunkCodec, extra: dict[str, bytes], keep: KeepLocal

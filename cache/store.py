@@ -14,7 +14,10 @@ id, integers big-endian):
                                      or up to the file's end for the page holding it;
                                      sealed under the device key: no plaintext on disk):
                                      dirty ones, written since the last commit, and clean
-                                     ones, a saved file's pages kept as its cached copy
+                                     ones, a saved file's pages kept as its cached copy.
+                                     A sealed page of SPOOL_FROM bytes or more lives in
+                                     the page spool (cache/spool.py), its value a record
+                                     of its slot
     pagekeys   S N u64 -> state      the keys of `pages` ('' dirty, CLEAN clean), to list
                                      and delete them without a cursor over the pages
                                      themselves (the binding faults in every value a
@@ -26,6 +29,9 @@ id, integers big-endian):
     lru        u64 atime S C -> ''   cached chunks (and S N: clean pages) in access order,
                                      for eviction
     pins       S N -> ''             nodes pinned for offline use
+    freeslots  u64 txn u64 slot -> '' the spool's free slots, by the transaction that
+                                     freed them (see Txn._alloc_slot); "spool_slots" in
+                                     meta counts the slots ever used
     applied    S u64 -> ''           seqs of this device's commits, already applied here by
                                      the flusher: the reconciler skips them in the feed
 
@@ -37,8 +43,11 @@ is the only one that imports lmdb; lmdb errors become StoreError (MapFull → St
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
+import math
+import mmap
 import os
 import time
 from collections.abc import Container, Iterator
@@ -58,6 +67,14 @@ from cache.records import (
     raw,
     u64,
     unraw,
+)
+from cache.spool import (
+    RUN_SLOTS,
+    SPOOL_FROM,
+    TAG_BYTES,
+    Spool,
+    decode_record,
+    encode_record,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +97,7 @@ DBS = (
     "lru",
     "pins",
     "applied",
+    "freeslots",
 )
 
 
@@ -208,6 +226,9 @@ class Store:
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the local store at {path}: {exc}") from exc
         self.mapped = MapPages(Path(os.path.realpath(path / "data.mdb")))
+        spool = path / "pages.spool"
+        self.spool = Spool(spool, readonly=readonly) if spool.exists() or not readonly else None
+        self.readers = Readers()
         self._tree_versions = itertools.count(1)
         #: changes with every committed write transaction that changed a node or an
         #: entry (read it before a snapshot: what the snapshot shows is at least that
@@ -216,6 +237,8 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self.spool is not None:
+            self.spool.close()
 
     @contextmanager
     def read(self, *, views: bool = False) -> Iterator[Txn]:
@@ -223,8 +246,13 @@ class Store:
         valid only until the transaction ends: for the `*_view` methods, which skip a
         copy (see `chunk_view`)."""
         try:
-            with self.env.begin(write=False, buffers=views) as txn:
-                yield Txn(txn, self.dbs, self.mapped)
+            token = self.readers.hold()
+            try:
+                with self.env.begin(write=False, buffers=views) as txn:
+                    self.readers.at(token, txn.id())
+                    yield Txn(txn, self.dbs, self.mapped, self.spool, self.readers)
+            finally:
+                self.readers.release(token)
         except lmdb.Error as exc:
             raise StoreError(f"local store: {exc}") from exc
 
@@ -232,10 +260,17 @@ class Store:
     def write(self) -> Iterator[Txn]:
         try:
             with self.env.begin(write=True) as txn:
-                t = Txn(txn, self.dbs, self.mapped)
+                t = Txn(txn, self.dbs, self.mapped, self.spool, self.readers)
                 yield t
+                t.write_spool()
+                if t.spooled:
+                    self.spool.sync()  # the slots before the records that name them
             if t.tree_changed:
                 self.tree_version = next(self._tree_versions)  # atomic across threads
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"no space left for the page spool: {exc}") from exc
+            raise
         except lmdb.MapFullError as exc:
             raise StoreFull("the local store is full") from exc
         except lmdb.DiskError as exc:
@@ -250,15 +285,54 @@ class Store:
         return info["last_pgno"] * self.env.stat()["psize"]
 
 
+class Readers:
+    """The snapshots (LMDB transaction ids) this process's read transactions hold: a
+    spool slot freed after the oldest of them may still be read through it. Plain dict
+    operations, atomic under the GIL: a read transaction pays no lock."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}
+        self._tokens = itertools.count()
+
+    def hold(self) -> int:
+        """Registers a reader about to begin: until `at` says its snapshot, it holds
+        back every freed slot."""
+        token = next(self._tokens)
+        self._held[token] = 0
+        return token
+
+    def at(self, token: int, txn_id: int) -> None:
+        self._held[token] = txn_id
+
+    def release(self, token: int) -> None:
+        del self._held[token]
+
+    def oldest(self) -> float:
+        return min(list(self._held.values()), default=math.inf)
+
+
 class Txn:
     """Typed access to the named databases inside one transaction."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict, mapped: MapPages | None = None) -> None:
+    def __init__(
+        self,
+        txn: lmdb.Transaction,
+        dbs: dict,
+        mapped: MapPages | None = None,
+        spool: Spool | None = None,
+        readers: Readers | None = None,
+    ) -> None:
         self.txn = txn
         self.db = dbs
         self.mapped = mapped
+        self.spool = spool
+        self.readers = readers or Readers()
         #: a node or an entry was written (see Store.tree_version)
         self.tree_changed = False
+        #: a page was written to the spool (synced before the commit)
+        self.spooled = False
+        #: pages put in the spool not written there yet, by slot
+        self._unwritten: dict[int, bytes | bytearray] = {}
 
     def _mapped(self, nbytes: int) -> None:
         if self.mapped is not None:
@@ -421,21 +495,104 @@ class Txn:
 
     # ------------------------------------------------------------------ dirty pages
 
-    def page(self, space: str, node: str, page_no: int) -> bytes | None:
-        value = self._value("pages", raw(space) + raw(node) + u64(page_no))
-        return None if value is None else bytes(value)
+    def page(self, space: str, node: str, page_no: int) -> bytes | bytearray | None:
+        blob = self.pages_in(space, node, page_no, page_no)[page_no]
+        return None if blob is None else bytes(blob) if isinstance(blob, memoryview) else blob
 
     def page_view(self, space: str, node: str, page_no: int) -> memoryview | None:
         """The sealed page in place in a `read(views=True)` transaction (see
-        `chunk_view`); a view of a copy in any other."""
-        value = self._value("pages", raw(space) + raw(node) + u64(page_no))
-        return None if value is None else memoryview(value)
+        `chunk_view`) when LMDB holds it; else a view of a copy."""
+        blob = self.pages_in(space, node, page_no, page_no)[page_no]
+        return None if blob is None else memoryview(blob)
+
+    def pages_in(
+        self, space: str, node: str, first: int, last: int
+    ) -> dict[int, bytes | bytearray | memoryview | None]:
+        """The sealed pages `first` to `last` of the file (None where it has none), those
+        in the spool read a run of slots at a time. In a `read(views=True)` transaction
+        those LMDB holds come as views in place (see `chunk_view`)."""
+        return self.sealed_pages(self.page_values(space, node, first, last))
+
+    def page_values(
+        self, space: str, node: str, first: int, last: int
+    ) -> dict[int, bytes | memoryview | None]:
+        """The `pages` values of pages `first` to `last`: sealed pages or spool records."""
+        prefix = raw(space) + raw(node)
+        return {p: self._value("pages", prefix + u64(p)) for p in range(first, last + 1)}
+
+    def sealed_pages(
+        self, values: dict[int, bytes | memoryview | None], into: mmap.mmap | None = None
+    ) -> dict[int, bytes | bytearray | memoryview | None]:
+        """The sealed pages `values` (of `page_values`) hold or name; those in the spool
+        as views into `into` when given (see Spool.read). Touches the spool only, not
+        the transaction: another thread may run it. A slot read back carries its
+        record's tag: should it hold anything but that page, it fails to open."""
+        out: dict[int, bytes | bytearray | memoryview | None] = {}
+        spooled: dict[int, tuple[int, int, bytes]] = {}
+        for page_no, value in values.items():
+            record = decode_record(value) if value is not None else None
+            if record is None:
+                out[page_no] = value
+            else:
+                out[page_no] = self._unwritten.get(record[0])
+                if out[page_no] is None:
+                    spooled[page_no] = record
+        if spooled:
+            if self.spool is None:
+                raise StoreError("the store names page spool slots, but has no spool")
+            blobs = self.spool.read(
+                [(slot, length) for slot, length, _ in spooled.values()], into
+            )
+            for page_no, (slot, _, tag) in spooled.items():
+                blob = out[page_no] = blobs[slot]
+                blob[-TAG_BYTES:] = tag
+        return out
 
     def put_page(self, space: str, node: str, page_no: int, sealed: bytes | bytearray) -> None:
-        """Stores a dirty page (a clean one there before becomes dirty)."""
+        """Stores a dirty page (a clean one there before becomes dirty); a full-size one
+        goes to a free spool slot (no committed record names it), written before the
+        transaction commits."""
         key = raw(space) + raw(node) + u64(page_no)
-        self.txn.put(key, sealed, db=self.db["pages"])
+        self._free(self.txn.get(key, db=self.db["pages"]))
+        value: bytes | bytearray = sealed
+        if self.spool is not None and len(sealed) >= SPOOL_FROM:
+            slot = self._alloc_slot()
+            self._unwritten[slot] = sealed
+            if len(self._unwritten) >= RUN_SLOTS:
+                self.write_spool()
+            value = encode_record(slot, sealed)
+        self.txn.put(key, value, db=self.db["pages"])
         self.txn.put(key, b"", db=self.db["pagekeys"])
+
+    def write_spool(self) -> None:
+        """Writes the pages put in the spool so far (the rest of them at the commit)."""
+        if self._unwritten:
+            assert self.spool is not None
+            self.spool.write(list(self._unwritten.items()))
+            self._unwritten.clear()
+            self.spooled = True
+
+    def _alloc_slot(self) -> int:
+        """A free spool slot. One freed by transaction F is taken only once F is durable
+        (LMDB's metasync=False: the commit after F makes it so), and once no reader of
+        this process holds a snapshot before F (it could still read the slot). Else a
+        new slot at the spool's end."""
+        limit = min(self.txn.id() - 2, self.readers.oldest())
+        with self.txn.cursor(db=self.db["freeslots"]) as cur:
+            if cur.first():
+                key = bytes(cur.key())
+                if from_u64(key[:8]) <= limit:
+                    cur.delete()
+                    return from_u64(key[8:])
+        slot = self.meta_int("spool_slots")
+        self.set_meta_int("spool_slots", slot + 1)
+        return slot
+
+    def _free(self, value: bytes | None) -> None:
+        """Frees the spool slot a `pages` value being replaced or deleted names."""
+        record = decode_record(value) if value is not None else None
+        if record is not None:
+            self.txn.put(u64(self.txn.id()) + u64(record[0]), b"", db=self.db["freeslots"])
 
     def _pages(self, prefix: bytes, start: int = 0) -> list[tuple[bytes, bytes]]:
         """(key, state) of the pages under `prefix` (a space, or a space and a node)
@@ -476,9 +633,11 @@ class Txn:
 
     def _delete_pages(self, keys: list[bytes]) -> None:
         for key in keys:
-            self.txn.delete(key, db=self.db["pages"])  # maps the value in (see MapPages)
+            value = self.txn.pop(key, db=self.db["pages"])  # maps it in (see MapPages)
+            self._free(value)
             self.txn.delete(key, db=self.db["pagekeys"])
-            self._mapped(PAGE_SIZE)
+            if value is not None:
+                self._mapped(len(value))
 
     def del_dirty_pages(self, space: str, node: str) -> int:
         """Deletes the file's dirty pages; returns how many clean ones are left."""

@@ -1,0 +1,48 @@
+"""Reading a file's pages back from the spool as a save does (SyncReader): the
+read-ahead thread's pages are the ones the next read asks for, or are not used."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from pathlib import Path
+
+from cache.codec import DirtySealer
+from cache.content import READ_AHEAD_FROM, Layout, SyncReader
+from cache.records import PAGE_SIZE, Flag, Kind, Node
+from cache.store import Store
+
+SPACE = str(uuid.uuid4())
+
+
+def test_reads_with_and_without_read_ahead_give_the_file(tmp_path: Path):
+    sealer = DirtySealer(os.urandom(32))
+    store = Store(tmp_path / "store")
+    node_id = str(uuid.uuid4())
+    size = 40 * PAGE_SIZE * 8 + 12_345  # 40 MiB and a short last page
+    content = bytearray(random.Random(3).randbytes(size))
+    hole = 77  # a page never written: zeros
+    content[hole * PAGE_SIZE : (hole + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+    with store.write() as t:
+        for page_no in range(-(-size // PAGE_SIZE)):
+            if page_no != hole:
+                page = content[page_no * PAGE_SIZE : (page_no + 1) * PAGE_SIZE]
+                t.put_page(SPACE, node_id, page_no, sealer.seal(node_id, page_no, page))
+    node = Node(SPACE, node_id, Kind.FILE, size=size, floor=0, flags=Flag.DIRTY)
+
+    def no_chunk(chunk_id: str, blob: bytes) -> bytes:
+        raise AssertionError("no base chunk is read")
+
+    with store.read(views=True) as t:
+        reader = SyncReader(t, sealer, node, Layout.of([]), no_chunk, {})
+        # consecutive reads at unaligned offsets, as the re-chunker makes them, with a
+        # jump back between (its read-ahead is then not the pages asked for)
+        spans = [(0, 5_000_001), (5_000_001, 6 << 20), (11_291_649, 6 << 20), (3, READ_AHEAD_FROM)]
+        spans += [(3 + READ_AHEAD_FROM, size - 3 - READ_AHEAD_FROM)]
+        for offset, length in spans:
+            out = bytearray(length)
+            reader.read_into(memoryview(out), offset)
+            assert out == content[offset : offset + length], (offset, length)
+        reader.close()
+    store.close()
