@@ -81,8 +81,7 @@ class Spool:
     def _buffer(self, nbytes: int) -> mmap.mmap:
         buf = getattr(self._buffers, "buf", None)
         if buf is None or len(buf) < nbytes:
-            if buf is not None:
-                buf.close()
+            # the old one goes when the last view of it does
             buf = self._buffers.buf = mmap.mmap(-1, nbytes)
         return buf
 

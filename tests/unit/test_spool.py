@@ -11,6 +11,7 @@ from pathlib import Path
 from cache.codec import DirtySealer
 from cache.content import READ_AHEAD_FROM, Layout, SyncReader
 from cache.records import PAGE_SIZE, Flag, Kind, Node
+from cache.spool import Spool
 from cache.store import Store
 
 SPACE = str(uuid.uuid4())
@@ -46,3 +47,15 @@ def test_reads_with_and_without_read_ahead_give_the_file(tmp_path: Path):
             assert out == content[offset : offset + length], (offset, length)
         reader.close()
     store.close()
+
+
+def test_a_longer_run_than_before_grows_the_thread_buffer(tmp_path: Path):
+    # two runs in one read, the second longer: its buffer is grown while the first
+    # run's views are still about
+    spool = Spool(tmp_path / "pages.spool")
+    pages = {slot: os.urandom(PAGE_SIZE + 29) for slot in (0, 2, 3, 4)}
+    for item in pages.items():
+        spool.write([item])  # one slot at a time: the buffer holds one slot
+    got = spool.read([(slot, len(page)) for slot, page in pages.items()])
+    assert {slot: bytes(blob) for slot, blob in got.items()} == pages
+    spool.close()
