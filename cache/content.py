@@ -73,6 +73,15 @@ class Layout:
         return range(first, last)
 
 
+@dataclass
+class HeldPage:
+    """The last page of a file being written, held in memory while the writer is still
+    on it (see Replica.write): `plain` is PAGE_SIZE bytes, zeros past what it holds."""
+
+    page_no: int
+    plain: bytearray
+
+
 class Content:
     def __init__(
         self,
@@ -99,6 +108,8 @@ class Content:
         #: per file being read in sequence, the chunk index up to which the server was
         #: told what comes (see _maybe_prefetch)
         self._told: dict[tuple[str, str], int] = {}
+        #: per file being written, its last page when held back from the store
+        self.held: dict[tuple[str, str], HeldPage] = {}
 
     def layout(self, node: Node) -> Layout:
         """The node's base layout, cached by version (a base changes only with it)."""
@@ -151,13 +162,16 @@ class Content:
             if not any(sealed.values()):  # its clean pages were evicted
                 return await self._read_base(node, offset, end, prefetch=True)
             self.touch_pages(node.space, node.id)
+        held = self.held.get((node.space, node.id))
         out = bytearray()
         pos = offset
         for page_no in range(first, last + 1):
             page_start = page_no * PAGE_SIZE
             stop = min(end, page_start + PAGE_SIZE)
             blob = sealed[page_no]
-            if blob is not None:
+            if held is not None and held.page_no == page_no:
+                out += held.plain[pos - page_start : stop - page_start]
+            elif blob is not None:
                 page = self.sealer.open(node.id, page_no, blob)
                 out += page_slice(page, pos - page_start, stop - page_start)
             else:
@@ -225,6 +239,9 @@ class Content:
 
     async def page_bytes(self, node: Node, page_no: int) -> bytearray:
         """The current content of one page (PAGE_SIZE bytes, zero-padded)."""
+        held = self.held.get((node.space, node.id))
+        if held is not None and held.page_no == page_no:
+            return bytearray(held.plain)
         with self.store.read() as t:
             blob = t.page(node.space, node.id, page_no)
         if blob is not None:
@@ -237,16 +254,20 @@ class Content:
         page[: len(data)] = data
         return page
 
-    async def prepare_write(self, node: Node, offset: int, data: bytes) -> dict[int, bytearray]:
+    async def prepare_write(
+        self, node: Node, offset: int, data: bytes, *, hold: bool = False
+    ) -> tuple[dict[int, bytearray], HeldPage | None]:
         """Sealed pages that hold `data` at `offset` (to be stored by the caller in the
         same transaction as the node's new size). A page that holds the end of the file
         is sealed only up to that end (see `page_slice`): a 4 KiB file keeps a 4 KiB
-        page, not a 128 KiB one."""
+        page, not a 128 KiB one. With `hold`, the last page comes back unsealed, to be
+        held instead of stored."""
         out: dict[int, bytearray] = {}
         end = offset + len(data)
         new_size = max(node.size, end)
+        last = (end - 1) // PAGE_SIZE
         view = memoryview(data)
-        for page_no in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
+        for page_no in range(offset // PAGE_SIZE, last + 1):
             start = page_no * PAGE_SIZE
             lo, hi = max(offset, start), min(end, start + PAGE_SIZE)
             if lo == start and hi >= min(start + PAGE_SIZE, new_size):
@@ -257,8 +278,20 @@ class Content:
                 buf = await self.page_bytes(node, page_no)
                 buf[lo - start : hi - start] = view[lo - offset : hi - offset]
                 page = memoryview(buf)[: new_size - start]
+            if hold and page_no == last:
+                plain = bytearray(PAGE_SIZE)
+                plain[: len(page)] = page
+                return out, HeldPage(page_no, plain)
             out[page_no] = self.sealer.seal(node.id, page_no, page)
-        return out
+        return out, None
+
+    def seal_held(self, node: Node, held: HeldPage) -> bytearray | None:
+        """The held page sealed as the store keeps it (up to the file's end), or None
+        when the file ends before it."""
+        n = min(PAGE_SIZE, node.size - held.page_no * PAGE_SIZE)
+        if n <= 0:
+            return None
+        return self.sealer.seal(node.id, held.page_no, memoryview(held.plain)[:n])
 
     async def prepare_truncate(self, node: Node, size: int) -> tuple[int, dict[int, bytearray]]:
         """For shrinking to `size`: the first page to drop and the sealed partial last

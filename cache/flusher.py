@@ -405,6 +405,7 @@ class Flusher:
         held by the worker thread for the whole re-chunking: a file written while an
         earlier save uploads must be committed as one state it really had, never as
         newer pages over an older size."""
+        self.replica.store_held([(node.space, node.id)])  # part of what is saved
         codec = self.codec_of(node.space)
         extra: dict[str, bytes] = {}
         while True:
@@ -645,6 +646,8 @@ class Flusher:
         space = batch.space
         device = self.replica.device_name
         dropped: list[Pending] = []
+        # a conflicted copy takes the pages the writer wrote so far
+        self.replica.store_held([(space, batch.items[r.index].entries[0][1].node) for r in results])
         with self.store.write() as t:
             for result in results:
                 if result.code == OpCode.OK:

@@ -27,7 +27,7 @@ import trio
 
 from cache.chunks import ChunkSource, Connectivity
 from cache.codec import DirtySealer
-from cache.content import Content
+from cache.content import Content, HeldPage
 from cache.errors import (
     Exists,
     InvalidArgument,
@@ -40,6 +40,7 @@ from cache.errors import (
     ReadOnly,
 )
 from cache.records import (
+    PAGE_SIZE,
     SPECIALS,
     Flag,
     Kind,
@@ -56,6 +57,9 @@ QUIET_SECONDS = 2.0
 #: how long the content of a file closed after writing waits to be journaled, together
 #: with every other file closed meanwhile (one synced transaction for a burst of closes)
 CLOSE_LINGER = 0.02
+#: Writes at least this large may hold their last page back (see Replica.write); a
+#: small file's one write never does.
+HOLD_FROM = 64 * 1024
 
 #: (space, node) pairs whose kernel caches must be dropped, and (space, parent, name)
 #: entries whose kernel lookups must be dropped.
@@ -583,11 +587,25 @@ class Replica:
         self._writable()
         if not data:
             return 0
-        async with self._locks[(space, node_id)]:
+        key = (space, node_id)
+        async with self._locks[key]:
             node = self.node(space, node_id)
             if node.kind != Kind.FILE:
                 raise IsADirectory(node_id)
-            pages = await self.content.prepare_write(node, offset, data)
+            end = offset + len(data)
+            last = (end - 1) // PAGE_SIZE
+            old = self.content.held.get(key)
+            # A large write that ends inside its last page, at the end of the file, holds
+            # that page back: a writer whose buffer is not page-aligned has each 1 MiB
+            # write split in two by the kernel (direct I/O), and the second, a few bytes,
+            # would otherwise read the page back, seal and store all of it again.
+            hold = end >= node.size and end % PAGE_SIZE != 0 and (
+                len(data) >= HOLD_FROM or (old is not None and old.page_no == last)
+            )
+            pages, held = await self.content.prepare_write(node, offset, data, hold=hold)
+            if self.content.held.get(key) is not old:
+                old = None  # stored meanwhile (a close of another descriptor)
+            first = offset // PAGE_SIZE
             with self.store.write() as t:
                 node = t.node(space, node_id)
                 if node is None:
@@ -595,21 +613,47 @@ class Replica:
                 for page_no, sealed in pages.items():
                     t.put_page(space, node_id, page_no, sealed)
                 stamp = now_ns()
-                t.put_node(
-                    node.but(
-                        size=max(node.size, offset + len(data)),
-                        mtime_ns=stamp,
-                        ctime_ns=stamp,
-                        gen=node.gen + 1,
-                        flags=node.flags | Flag.DIRTY,
-                    )
+                node = node.but(
+                    size=max(node.size, end),
+                    mtime_ns=stamp,
+                    ctime_ns=stamp,
+                    gen=node.gen + 1,
+                    flags=node.flags | Flag.DIRTY,
                 )
+                t.put_node(node)
+                if old is not None and not first <= old.page_no <= last:
+                    self._put_held(t, node, old)  # the writer moved on
+            if held is not None:
+                self.content.held[key] = held
+            else:
+                self.content.held.pop(key, None)
         self._written(space, node_id)
         return len(data)
+
+    def _put_held(self, t: Txn, node: Node, held: HeldPage) -> None:
+        sealed = self.content.seal_held(node, held)
+        if sealed is not None:
+            t.put_page(node.space, node.id, held.page_no, sealed)
+
+    def store_held(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Stores the pages held back of these files (see write): before their content
+        is journaled, read for a save, cut, or their writer's close returns."""
+        held = [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
+        if not held:
+            return
+        with self.store.write() as t:
+            for key, h in held:
+                node = t.node(*key)
+                if node is not None:
+                    self._put_held(t, node, h)
+        for key, h in held:
+            if self.content.held.get(key) is h:
+                del self.content.held[key]
 
     async def truncate(self, space: str, node_id: str, size: int) -> Node:
         self._writable()
         async with self._locks[(space, node_id)]:
+            self.store_held([(space, node_id)])
             node = self.node(space, node_id)
             if node.kind == Kind.DIR:
                 raise IsADirectory(node_id)
@@ -656,11 +700,18 @@ class Replica:
         transaction. Raises StoreFull, and then the files stay as they were."""
         keys = list(dict.fromkeys(key for key in keys if key in self.state.unjournaled))
         todo = [key for key in keys if not self._content_pending(key)]
-        if todo:
+        held = [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
+        if todo or held:
             with self.store.write() as t:
+                for key, h in held:
+                    if (node := t.node(*key)) is not None:
+                        self._put_held(t, node, h)
                 todo = [key for key in todo if t.node(*key) is not None]
                 for key in todo:
                     t.journal_append(Pending("content", *key))
+            for key, h in held:
+                if self.content.held.get(key) is h:
+                    del self.content.held[key]
         # no checkpoint from the commit to here: nothing was journaled in between
         for key in keys:
             del self.state.unjournaled[key]
@@ -693,6 +744,7 @@ class Replica:
         device keeps what a crash keeps of any unsynced file, and a DIRTY node without
         a journaled content is journaled when the replica opens (_rebuild_state)."""
         key = (space, node_id)
+        self.store_held([key])
         if key in self.state.unjournaled:
             self.state.closed[key] = True
             self._closed_event.set()
@@ -706,6 +758,7 @@ class Replica:
         on the file before then journals the content first, as for a closed file
         (journal): close, then rename, is still one save."""
         key = (space, node_id)
+        self.store_held([key])
         if key in self.state.unjournaled:
             self.state.closed.setdefault(key, False)
 

@@ -238,12 +238,16 @@ async def test_replica_killed_during_flush_drains_without_loss_or_duplicates(dev
         assert len(creates) == len(set(creates)) == 300
 
 
-async def test_replica_closes_not_yet_journaled_when_killed_are_uploaded_at_reopen(devices):
+@pytest.mark.parametrize("size", [10_000, 300_000])
+async def test_replica_closes_not_yet_journaled_when_killed_are_uploaded_at_reopen(
+    devices, size
+):
     # a close journals the file's content a moment later, together with other closes;
     # a device stopped in between still has the writes, and journals them when it opens
+    # (300,000 bytes: each file's last page was held back from the store until its close)
     home = await devices.add()
     done = subprocess.run(
-        [sys.executable, "-m", "tests.replica.worker", "closed", str(home), "20", "10000"],
+        [sys.executable, "-m", "tests.replica.worker", "closed", str(home), "20", str(size)],
         env={**os.environ, "LOFT_TEST_FAST_KDF": "1"},
         timeout=60,
     )
@@ -260,7 +264,7 @@ async def test_replica_closes_not_yet_journaled_when_killed_are_uploaded_at_reop
     async with Session.open(other) as b:
         await b.sync()
         for i in range(20):
-            assert await read_path(b, f"closed/f{i:05}") == flood_content(i, 10000)
+            assert await read_path(b, f"closed/f{i:05}") == flood_content(i, size)
 
 
 async def test_replica_save_through_a_temporary_name_is_one_version(devices):
@@ -317,6 +321,35 @@ async def test_replica_end_of_file_pages_are_sealed_short_and_read_as_zeros_past
     async with Session.open(await devices.add()) as b:
         await b.sync()
         assert await read_path(b, "grows") == expected
+
+
+async def test_replica_last_page_of_a_split_write_is_held_until_the_writer_moves_on(devices):
+    """A writer whose buffer is not page-aligned has each 1 MiB write split by the
+    kernel in two: the first part's last page is held in memory (read from there), not
+    stored and then read back, sealed and stored again by the few bytes after it."""
+    home = await devices.add()
+    page, mib = 128 * 1024, 1 << 20
+    data = random.Random(5).randbytes(3 * mib + 100_000)
+    async with Session.open(home) as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "split")
+        pos = 0
+        for n in (mib - 48, 48, mib - 48, 48, mib - 48, 48 + 100_000):
+            await r.write(r.home, node.id, pos, data[pos : pos + n])
+            pos += n
+            assert await read_path(a, "split") == data[:pos]
+            with a.store.read() as t:
+                stored = t.page(r.home, node.id, (pos - 1) // page) is not None
+            assert stored == (pos % page == 0), pos  # a partial last page is held
+        r.flushed(r.home, node.id)  # a close(2): the held page is stored
+        with a.store.read() as t:
+            assert t.page(r.home, node.id, 3 * mib // page) is not None
+        assert await read_path(a, "split") == data
+        r.close_written(r.home, node.id)
+        await a.sync()
+    async with Session.open(await devices.add()) as b:
+        await b.sync()
+        assert await read_path(b, "split") == data
 
 
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
