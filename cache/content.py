@@ -376,14 +376,18 @@ class SyncReader:
 
     def _read_pages(self, first: int, last: int) -> dict:
         values = self.txn.page_values(self.node.space, self.node.id, first, last)
-        return self.txn.sealed_pages(values, self._buffer(spool_span(values)))
+        span = spool_span(values)
+        return self.txn.sealed_pages(values, self._buffer(span) if span else None)
 
     def _start_read_ahead(self, first: int, count: int) -> None:
         last = min(first + count, -(-self.node.size // PAGE_SIZE)) - 1
         if last < first:
             return
         values = self.txn.page_values(self.node.space, self.node.id, first, last)
-        buf = self._buffer(spool_span(values))
+        span = spool_span(values)
+        if not span:
+            return  # nothing in the spool to read ahead
+        buf = self._buffer(span)
         result: list = []
 
         def read() -> None:

@@ -138,9 +138,9 @@ class Spool:
 
 def spool_span(values: dict) -> int:
     """The bytes a buffer for `Spool.read` of the pages `values` (`pages` values by page
-    number) name needs (one slot at least)."""
+    number) name needs: 0 when they are all in LMDB."""
     named = sum(1 for v in values.values() if v is not None and decode_record(v) is not None)
-    return max(named, 1) * SLOT_BYTES
+    return named * SLOT_BYTES
 
 
 def _runs(items: list) -> list[list]:
