@@ -366,8 +366,9 @@ class SyncReader:
                 dst[:] = page_slice(page, pos - base, stop - base)
             pos = stop
         if blobs and len(out) >= READ_AHEAD_FROM:
-            count = (end - 1) // PAGE_SIZE - offset // PAGE_SIZE + 1
-            self._start_read_ahead((end - 1) // PAGE_SIZE + 1, count)
+            # from the page holding the next byte: a read ending inside a page is
+            # followed by one starting in it
+            self._start_read_ahead(end // PAGE_SIZE, -(-len(out) // PAGE_SIZE) + 1)
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         if self._buf is None or len(self._buf) < nbytes:
@@ -401,13 +402,13 @@ class SyncReader:
         self._ahead = (first, last, thread, result)
 
     def _read_ahead_of(self, first: int, last: int) -> dict | None:
-        """The pages read ahead, if they are those of `first` to `last`."""
+        """The pages read ahead, if they include those of `first` to `last`."""
         if self._ahead is None:
             return None
         ahead_first, ahead_last, thread, result = self._ahead
         self._ahead = None
         thread.join()  # its buffer is the one the next read fills
-        if (ahead_first, ahead_last) != (first, last):
+        if not ahead_first <= first <= last <= ahead_last:
             return None
         if isinstance(result[0], BaseException):
             raise result[0]

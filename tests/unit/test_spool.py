@@ -37,15 +37,20 @@ def test_reads_with_and_without_read_ahead_give_the_file(tmp_path: Path):
 
     with store.read(views=True) as t:
         reader = SyncReader(t, sealer, node, Layout.of([]), no_chunk, {})
-        # consecutive reads at unaligned offsets, as the re-chunker makes them, with a
-        # jump back between (its read-ahead is then not the pages asked for)
-        spans = [(0, 5_000_001), (5_000_001, 6 << 20), (11_291_649, 6 << 20), (3, READ_AHEAD_FROM)]
-        spans += [(3 + READ_AHEAD_FROM, size - 3 - READ_AHEAD_FROM)]
+        direct: list[int] = []
+        read_pages = reader._read_pages
+        reader._read_pages = lambda first, last: direct.append(first) or read_pages(first, last)
+        # consecutive reads of one length at unaligned offsets, as the re-chunker makes
+        # them, and a jump between (the read-ahead is then not the pages asked for)
+        n = max(READ_AHEAD_FROM, 6 << 20) + 17
+        spans = [(0, n), (n, n), (2 * n, n), (size - 3 * n, n), (size - 2 * n, n), (size - n, n)]
         for offset, length in spans:
             out = bytearray(length)
             reader.read_into(memoryview(out), offset)
             assert out == content[offset : offset + length], (offset, length)
         reader.close()
+    # the reads that follow a large one come from its read-ahead; the jump does not
+    assert direct == [0, (size - 3 * n) // PAGE_SIZE], direct
     store.close()
 
 
