@@ -97,6 +97,13 @@ async def read_path(session: Session, path: str) -> bytes:
     return await session.replica.read(session.replica.home, node.id, 0, node.size + 1)
 
 
+async def read_on_new_device(devices, path: str) -> bytes:
+    """The file at `path` as a device added now reads it once synced."""
+    async with Session.open(await devices.add()) as b:
+        await b.sync()
+        return await read_path(b, path)
+
+
 async def test_replica_file_written_while_flushing_is_uploaded_once(devices):
     # the create goes while the file is still being written: it must not carry a
     # half-written copy whose last chunk (cut by the end of the data) is sent again
@@ -318,9 +325,7 @@ async def test_replica_end_of_file_pages_are_sealed_short_and_read_as_zeros_past
         assert await read_path(a, "grows") == expected
         r.close_written(r.home, node.id)
         await a.sync()
-    async with Session.open(await devices.add()) as b:
-        await b.sync()
-        assert await read_path(b, "grows") == expected
+    assert await read_on_new_device(devices, "grows") == expected
 
 
 async def test_replica_last_page_of_a_split_write_is_held_until_the_writer_moves_on(devices):
@@ -347,9 +352,7 @@ async def test_replica_last_page_of_a_split_write_is_held_until_the_writer_moves
         assert await read_path(a, "split") == data
         r.close_written(r.home, node.id)
         await a.sync()
-    async with Session.open(await devices.add()) as b:
-        await b.sync()
-        assert await read_path(b, "split") == data
+    assert await read_on_new_device(devices, "split") == data
 
 
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
