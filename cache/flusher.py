@@ -405,21 +405,28 @@ class Flusher:
         held by the worker thread for the whole re-chunking: a file written while an
         earlier save uploads must be committed as one state it really had, never as
         newer pages over an older size."""
-        self.replica.store_held([(node.space, node.id)])  # part of what is saved
-        codec = self.codec_of(node.space)
-        extra: dict[str, bytes] = {}
-        while True:
-            keep = KeepLocal(chunks=node.size <= self.replica.chunks.cap // 4)
-            try:
-                if node.size <= SMALL_FILE:
-                    snapshot, manifest = await self._collect(
-                        node, codec, extra, keep, small_uploads
+        key = (node.space, node.id)
+        self.replica.saving.add(key)  # no page held back until the snapshot is read
+        try:
+            self.replica.store_held([key])  # part of what is saved
+            codec = self.codec_of(node.space)
+            extra: dict[str, bytes] = {}
+            while True:
+                keep = KeepLocal(chunks=node.size <= self.replica.chunks.cap // 4)
+                try:
+                    if node.size <= SMALL_FILE:
+                        snapshot, manifest = await self._collect(
+                            node, codec, extra, keep, small_uploads
+                        )
+                    else:
+                        snapshot, manifest = await self._upload(node, codec, extra, keep)
+                    break
+                except NeedChunk as need:
+                    extra[need.chunk_id] = await self.replica.chunks.get(
+                        node.space, need.chunk_id
                     )
-                else:
-                    snapshot, manifest = await self._upload(node, codec, extra, keep)
-                break
-            except NeedChunk as need:
-                extra[need.chunk_id] = await self.replica.chunks.get(node.space, need.chunk_id)
+        finally:
+            self.replica.saving.discard(key)
         item.gen = snapshot.gen
         item.op["attrs"] = attrs_of(snapshot).model_dump(mode="json")
         item.manifest = [list(c) for c in manifest]

@@ -119,6 +119,9 @@ class Replica:
             chunks.touch_pages,
         )
         self.state = ReplicaState()
+        #: files a save is reading now: their writes hold no page back (the save's
+        #: snapshot of the store must have every byte its size covers)
+        self.saving: set[tuple[str, str]] = set()
         self._locks: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
         self._journal_event = trio.Event()
         self._quiet_event = trio.Event()
@@ -605,6 +608,12 @@ class Replica:
             pages, held = await self.content.prepare_write(node, offset, data, hold=hold)
             if self.content.held.get(key) is not old:
                 old = None  # stored meanwhile (a close of another descriptor)
+            if held is not None and key in self.saving:
+                # a save began meanwhile: this page goes to the store with the write
+                sealed = self.content.seal_held(node.but(size=max(node.size, end)), held)
+                if sealed is not None:
+                    pages[held.page_no] = sealed
+                held = None
             first = offset // PAGE_SIZE
             with self.store.write() as t:
                 node = t.node(space, node_id)
@@ -637,7 +646,9 @@ class Replica:
 
     def store_held(self, keys: Iterable[tuple[str, str]]) -> None:
         """Stores the pages held back of these files (see write): before their content
-        is journaled, read for a save, cut, or their writer's close returns."""
+        is journaled, read for a save, cut, or their writer's close returns. The node
+        counts as written again (gen): a save whose snapshot lacked the page must not
+        mark the file clean."""
         held = [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
         if not held:
             return
@@ -646,6 +657,7 @@ class Replica:
                 node = t.node(*key)
                 if node is not None:
                     self._put_held(t, node, h)
+                    t.put_node(node.but(gen=node.gen + 1, flags=node.flags | Flag.DIRTY))
         for key, h in held:
             if self.content.held.get(key) is h:
                 del self.content.held[key]
@@ -706,6 +718,7 @@ class Replica:
                 for key, h in held:
                     if (node := t.node(*key)) is not None:
                         self._put_held(t, node, h)
+                        t.put_node(node.but(gen=node.gen + 1, flags=node.flags | Flag.DIRTY))
                 todo = [key for key in todo if t.node(*key) is not None]
                 for key in todo:
                     t.journal_append(Pending("content", *key))
@@ -744,7 +757,10 @@ class Replica:
         device keeps what a crash keeps of any unsynced file, and a DIRTY node without
         a journaled content is journaled when the replica opens (_rebuild_state)."""
         key = (space, node_id)
-        self.store_held([key])
+        try:
+            self.store_held([key])
+        except StoreFull as exc:  # a release reports nothing: journaling stores it later
+            log.warning("the last page written to %s waits for space: %s", node_id, exc)
         if key in self.state.unjournaled:
             self.state.closed[key] = True
             self._closed_event.set()
@@ -763,8 +779,8 @@ class Replica:
             self.state.closed.setdefault(key, False)
 
     def fsync(self, space: str, node_id: str) -> None:
-        """Makes the file's writes durable locally (they are: each write is a synced
-        transaction) and queues them for upload."""
+        """Makes the file's writes durable locally (each write is a synced transaction,
+        and journaling stores a page held back) and queues them for upload."""
         self.flush(space, node_id)
 
     async def run_quiet_journaler(self, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -102,8 +102,8 @@ class Spool:
                 written = os.pwrite(self.fd, view[:end], run[0][0] * SLOT_BYTES)
             finally:
                 view.release()
-            if written != end:
-                raise SpoolError(errno.EIO, f"short write to the page spool ({written}/{end})")
+            if written != end:  # a regular file takes less only when its disk is full
+                raise SpoolError(errno.ENOSPC, f"short write to the page spool ({written}/{end})")
 
     def read(
         self, items: list[tuple[int, int]], into: mmap.mmap | None = None

@@ -208,9 +208,16 @@ class Store:
                 create=not readonly,
             )
             if readonly:
-                # handles opened inside a read transaction die with it: open them bare
-                self.dbs = {name: self.env.open_db(name.encode(), create=False)
-                            for name in DBS}
+                # handles opened inside a read transaction die with it: open them bare;
+                # a store written before a database existed lacks it until the mount
+                # opens it (freeslots): a read-only process never needs it
+                self.dbs = {}
+                for name in DBS:
+                    try:
+                        self.dbs[name] = self.env.open_db(name.encode(), create=False)
+                    except lmdb.NotFoundError:
+                        if name != "freeslots":
+                            raise
             else:
                 with self.env.begin(write=True) as txn:
                     self.dbs = {name: self.env.open_db(name.encode(), txn=txn)

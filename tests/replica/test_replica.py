@@ -355,6 +355,31 @@ async def test_replica_last_page_of_a_split_write_is_held_until_the_writer_moves
     assert await read_on_new_device(devices, "split") == data
 
 
+async def test_replica_a_page_held_back_never_escapes_a_save(devices):
+    """While a save reads a file, its writes hold no page back (the save's snapshot has
+    every byte its size covers); a page stored outside a write counts as a change, so a
+    save whose snapshot lacked it leaves the file dirty."""
+    home = await devices.add()
+    async with Session.open(home) as a:
+        r = a.replica
+        node = r.create(r.home, ROOT, "held")
+        key = (r.home, node.id)
+        r.saving.add(key)  # as Flusher._content does around its snapshot
+        await r.write(r.home, node.id, 0, b"x" * 200_000)
+        assert key not in r.content.held
+        r.saving.discard(key)
+        await r.write(r.home, node.id, 200_000, b"y" * 100_000)
+        assert key in r.content.held
+        before = r.node(*key)
+        r.store_held([key])
+        after = r.node(*key)
+        assert after.gen > before.gen and after.flags & Flag.DIRTY
+        assert await read_path(a, "held") == b"x" * 200_000 + b"y" * 100_000
+        r.close_written(r.home, node.id)
+        await a.sync()
+    assert await read_on_new_device(devices, "held") == b"x" * 200_000 + b"y" * 100_000
+
+
 async def test_replica_corrupt_blob_is_an_error_naming_the_chunk(
     devices, server, tmp_path, allow_error_logs
 ):

@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from cache.records import PAGE_SIZE, Kind, Node, raw
@@ -268,3 +269,17 @@ def test_caching_a_chunk_again_counts_as_using_it(tmp_path: Path):
         assert t.chunk_meta(SPACE, old) is not None
         assert t.chunk_meta(SPACE, other) is None
     store.close()
+
+
+def test_a_store_from_before_the_page_spool_opens_read_only(tmp_path: Path):
+    # `loft status` opens the store read-only; one written before the spool's free-slot
+    # database existed must open too (the mount adds the database)
+    Store(tmp_path / "store").close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"freeslots", txn=txn), delete=True)
+    env.close()
+    readonly = Store(tmp_path / "store", readonly=True)
+    with readonly.read() as t:
+        assert t.page_numbers(SPACE, str(uuid.uuid4())) == []
+    readonly.close()
