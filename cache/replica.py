@@ -646,18 +646,27 @@ class Replica:
 
     def store_held(self, keys: Iterable[tuple[str, str]]) -> None:
         """Stores the pages held back of these files (see write): before their content
-        is journaled, read for a save, cut, or their writer's close returns. The node
-        counts as written again (gen): a save whose snapshot lacked the page must not
-        mark the file clean."""
-        held = [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
-        if not held:
-            return
-        with self.store.write() as t:
-            for key, h in held:
-                node = t.node(*key)
-                if node is not None:
-                    self._put_held(t, node, h)
-                    t.put_node(node.but(gen=node.gen + 1, flags=node.flags | Flag.DIRTY))
+        is read for a save, cut, or their writer's close returns."""
+        held = self._held_of(keys)
+        if held:
+            with self.store.write() as t:
+                self._store_held_in(t, held)
+            self._forget_held(held)
+
+    def _held_of(self, keys: Iterable[tuple[str, str]]) -> list[tuple[tuple[str, str], HeldPage]]:
+        return [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
+
+    def _store_held_in(self, t: Txn, held: list[tuple[tuple[str, str], HeldPage]]) -> None:
+        """Stores held pages in `t`. Each node counts as written again (gen): a save
+        whose snapshot lacked the page must not mark the file clean."""
+        for key, h in held:
+            node = t.node(*key)
+            if node is not None:
+                self._put_held(t, node, h)
+                t.put_node(node.but(gen=node.gen + 1, flags=node.flags | Flag.DIRTY))
+
+    def _forget_held(self, held: list[tuple[tuple[str, str], HeldPage]]) -> None:
+        """After the commit that stored them: a write since may hold a newer page."""
         for key, h in held:
             if self.content.held.get(key) is h:
                 del self.content.held[key]
@@ -712,19 +721,14 @@ class Replica:
         transaction. Raises StoreFull, and then the files stay as they were."""
         keys = list(dict.fromkeys(key for key in keys if key in self.state.unjournaled))
         todo = [key for key in keys if not self._content_pending(key)]
-        held = [(key, h) for key in keys if (h := self.content.held.get(key)) is not None]
+        held = self._held_of(keys)
         if todo or held:
             with self.store.write() as t:
-                for key, h in held:
-                    if (node := t.node(*key)) is not None:
-                        self._put_held(t, node, h)
-                        t.put_node(node.but(gen=node.gen + 1, flags=node.flags | Flag.DIRTY))
+                self._store_held_in(t, held)  # the content journaled includes them
                 todo = [key for key in todo if t.node(*key) is not None]
                 for key in todo:
                     t.journal_append(Pending("content", *key))
-            for key, h in held:
-                if self.content.held.get(key) is h:
-                    del self.content.held[key]
+            self._forget_held(held)
         # no checkpoint from the commit to here: nothing was journaled in between
         for key in keys:
             del self.state.unjournaled[key]
