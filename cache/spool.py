@@ -65,16 +65,13 @@ class SpoolError(OSError):
 
 class Spool:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = path
         flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
-        self.direct = hasattr(os, "O_DIRECT")
         try:
-            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o600)
+            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o600)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            self.direct = False  # tmpfs: no O_DIRECT
-            self.fd = os.open(path, flags, 0o600)
+            self.fd = os.open(path, flags, 0o600)  # tmpfs: no O_DIRECT
         #: per thread, an aligned buffer runs of slots pass through
         self._buffers = threading.local()
 
@@ -109,7 +106,7 @@ class Spool:
         self, items: list[tuple[int, int]], into: mmap.mmap | None = None
     ) -> dict[int, bytearray | memoryview]:
         """The sealed pages in the slots `items` names (slot, length), by slot; a run of
-        consecutive slots in one read. With `into` (`span(items)` bytes at least), views
+        consecutive slots in one read. With `into` (`spool_span` bytes at least), views
         into it, valid while its owner leaves it be; else copies."""
         out: dict[int, bytearray | memoryview] = {}
         at = 0
