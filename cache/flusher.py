@@ -50,6 +50,7 @@ from cache.records import (
     encode_manifest,
 )
 from cache.replica import Replica
+from cache.spool import RUN_SLOTS
 from cache.tasks import gather
 from loft.protocol import (
     ROOT_NODE,
@@ -747,9 +748,13 @@ class Flusher:
             # id, as written since (the flusher cuts them again and finds the chunks
             # on the server).
             sealer = self.replica.sealer
-            for page_no in t.page_numbers(space, node.id):
-                plain = sealer.open(node.id, page_no, t.page(space, node.id, page_no))
-                t.put_page(space, copy.id, page_no, sealer.seal(copy.id, page_no, plain))
+            numbers = t.page_numbers(space, node.id)
+            for i in range(0, len(numbers), RUN_SLOTS):  # a run of spool slots per read
+                part = numbers[i : i + RUN_SLOTS]
+                sealed = t.pages_in(space, node.id, part[0], part[-1])
+                for page_no in part:
+                    plain = sealer.open(node.id, page_no, sealed[page_no])
+                    t.put_page(space, copy.id, page_no, sealer.seal(copy.id, page_no, plain))
             copy = copy.but(size=node.size, floor=node.floor, flags=Flag.LOCAL | Flag.DIRTY)
         t.put_node(copy)
         t.put_manifest_bytes(space, copy.id, encode_manifest([tuple(c) for c in item.manifest]))

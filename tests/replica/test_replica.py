@@ -162,21 +162,25 @@ async def test_replica_small_edit_of_big_file_uploads_one_chunk(devices, tmp_pat
         assert head[:8] == b"INSERTED"
 
 
-async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
+@pytest.mark.parametrize("size", [0, 5 << 20])
+async def test_replica_offline_edits_on_both_devices_keep_both(devices, server, size):
+    # 5 MiB: the copy reads the edit's pages from the page spool, in more than one run
     a_home, b_home = await devices.add("laptop"), await devices.add("desk")
+    pad = random.Random(size).randbytes(size)
+    laptops, desks = b"laptop's edit" + pad, b"desk's edit!!" + pad
     async with Session.open(a_home) as a, Session.open(b_home) as b:
         ra, rb = a.replica, b.replica
         f = await write_new(ra, "notes.txt", b"original")
         await a.sync()
         await b.sync()
         server.stop()
-        await ra.write(ra.home, f.id, 0, b"laptop's edit")
+        await ra.write(ra.home, f.id, 0, laptops)
         ra.flush(ra.home, f.id)
         g = rb.resolve("notes.txt")
-        await rb.write(rb.home, g.id, 0, b"desk's edit!!")
+        await rb.write(rb.home, g.id, 0, desks)
         rb.flush(rb.home, g.id)
         # offline: reads of cached data work, everything is queued
-        assert await read_path(a, "notes.txt") == b"laptop's edit"
+        assert await read_path(a, "notes.txt") == laptops
         server.start()
         await a.sync()
         await b.sync()
@@ -190,9 +194,9 @@ async def test_replica_offline_edits_on_both_devices_keep_both(devices, server):
         # the copy, before anything reads it there
         maker = a if "laptop" in conflicted[0] else b
         copy = maker.replica.resolve(conflicted[0])
-        assert maker.replica.cached_bytes(copy) == copy.size == len(b"desk's edit!!")
+        assert maker.replica.cached_bytes(copy) == copy.size == len(desks)
         contents = {await read_path(a, n) for n in names_a}
-        assert contents == {b"laptop's edit", b"desk's edit!!"}
+        assert contents == {laptops, desks}
 
 
 async def test_replica_delete_against_edit_keeps_the_edit(devices, server):
