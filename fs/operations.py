@@ -57,8 +57,10 @@ def _write_only(flags: int) -> bool:
     writer's memory to the mount with no page cache copy, which here cost the writer
     2.1-2.9 s of kernel time per GiB (fresh pages for the file's cache, which nothing
     would read: the store holds the written pages). A write-only handle cannot be
-    mapped, so mmap is unaffected; readers of the file reopen it or see its new
-    mtime, and the kernel drops their cached pages (auto_inval_data)."""
+    mapped, so mmap is unaffected; the kernel drops the range a direct write covers
+    from the file's page cache, so a reader that holds the file open reads the new
+    bytes (seen on Linux 6.18 even with the mtime left unchanged; a mount test checks
+    that the reader sees them)."""
     return flags & os.O_ACCMODE == os.O_WRONLY
 
 
